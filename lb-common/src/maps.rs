@@ -1,0 +1,185 @@
+//! Map names, capacities and the key/value layouts of every map the XDP
+//! program shares with userspace.
+//!
+//! Rules for every type here: `#[repr(C)]`, `Copy`, only integer and byte
+//! array fields with explicit padding (every bit pattern is a valid value),
+//! and a compile-time size assertion, so that the kernel and userspace can
+//! never disagree on a layout.
+
+/// Version of the pinned map layout. A newer agent refuses to adopt pinned
+/// maps of another version instead of misreading them.
+pub const LAYOUT_VERSION: u32 = 1;
+
+// ---- map names (the static names in lb-ebpf) ----
+/// `HashMap<VipKey, VipMeta>`: the VIPs.
+pub const MAP_VIPS: &str = "VIPS";
+/// `ArrayOfMaps<Array<u32, MAX_RING_SIZE>>`: per-VIP Maglev lookup tables
+/// (slot → backend id), indexed by `VipMeta::vip_id`.
+pub const MAP_RINGS: &str = "RINGS";
+/// `Array<Backend, MAX_BACKENDS>`: backends by id.
+pub const MAP_BACKENDS: &str = "BACKENDS";
+/// `LruHashMap<FlowKey, ConnEntry>`: the connection table.
+pub const MAP_CONN_TABLE: &str = "CONN_TABLE";
+/// `Array<GlobalConfig, 1>`: fleet-wide settings.
+pub const MAP_CONFIG: &str = "CONFIG";
+/// `DevMapHash`: egress interfaces for IP-in-IP towards another interface.
+pub const MAP_TX_PORTS: &str = "TX_PORTS";
+/// `PerCpuArray<u64, STAT_COUNT>`: global counters by outcome and reason.
+pub const MAP_STATS: &str = "STATS";
+/// `PerCpuArray<TrafficCounters, MAX_VIPS>`: per-VIP counters.
+pub const MAP_VIP_STATS: &str = "VIP_STATS";
+/// `PerCpuArray<TrafficCounters, MAX_BACKENDS>`: per-backend counters.
+pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
+/// `PerCpuArray<u64, DECAP_STAT_COUNT>`: counters of the decap program.
+pub const MAP_DECAP_STATS: &str = "DECAP_STATS";
+
+// ---- program names ----
+/// The load balancer's XDP program.
+pub const PROG_LB: &str = "xdp_lb";
+/// The IP-in-IP decapsulation program run on backends.
+pub const PROG_DECAP: &str = "xdp_decap";
+/// Benchmark floor: an empty XDP_PASS program.
+pub const PROG_BENCH_PASS: &str = "bench_pass";
+/// Benchmark ceiling for live frames: MAC swap and XDP_TX.
+pub const PROG_BENCH_MACSWAP: &str = "bench_macswap";
+
+// ---- capacities ----
+/// VIP ids are `0..MAX_VIPS`.
+pub const MAX_VIPS: u32 = 256;
+/// Entries of the VIP hash: every VIP plus one fragment alias per
+/// (address, protocol).
+pub const MAX_VIP_KEYS: u32 = MAX_VIPS * 2;
+/// Backend ids are `0..MAX_BACKENDS`. A backend id names one backend of one
+/// VIP, so per-backend counters are per (VIP, backend).
+pub const MAX_BACKENDS: u32 = 16384;
+/// Capacity of every lookup table (inner map). A VIP's table size is a
+/// prime ≤ this; only the first `ring_size` slots are used.
+pub const MAX_RING_SIZE: u32 = 65537;
+/// Default lookup-table size (prime).
+pub const DEFAULT_RING_SIZE: u32 = 65537;
+/// Default connection-table capacity (the loader may override it).
+pub const CONN_TABLE_CAPACITY: u32 = 262_144;
+/// Capacity of the egress-interface map.
+pub const MAX_TX_PORTS: u32 = 64;
+/// Ring slot value meaning "no backend" (an empty VIP).
+pub const BACKEND_NONE: u32 = u32::MAX;
+/// `BPF_F_MMAPABLE`: lookup tables can be memory-mapped and filled with one
+/// copy instead of one syscall per slot.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// Key of [`MAP_VIPS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    /// Address in wire order (IPv4 in word 0).
+    pub addr: [u32; 4],
+    /// Destination port in wire order; 0 for a fragment alias.
+    pub port: u16,
+    /// IANA protocol number (TCP or UDP).
+    pub proto: u8,
+    /// [`crate::flow::FAMILY_V4`] or [`crate::flow::FAMILY_V6`].
+    pub family: u8,
+}
+const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
+
+/// Forward by IP-in-IP encapsulation (otherwise L2 DSR).
+pub const VIP_F_IPIP: u32 = 1 << 0;
+/// Hash on the source address only (client affinity).
+pub const VIP_F_SRC_AFFINITY: u32 = 1 << 1;
+/// This entry only matches IP fragments (key port 0): it routes every
+/// fragment sent to the address and protocol to the VIP it names.
+pub const VIP_F_FRAG_ALIAS: u32 = 1 << 2;
+
+/// Value of [`MAP_VIPS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipMeta {
+    /// Index into [`MAP_RINGS`] and the per-VIP counters.
+    pub vip_id: u32,
+    /// Number of lookup-table slots in use (a prime ≤ [`MAX_RING_SIZE`]).
+    pub ring_size: u32,
+    /// `VIP_F_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<VipMeta>() == 16);
+
+/// The backend accepts traffic of established flows. Cleared when a backend
+/// is removed or unhealthy, so connection entries pointing at it miss.
+pub const BACKEND_F_ACTIVE: u8 = 1 << 0;
+
+/// Value of [`MAP_BACKENDS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// Address in wire order (IPv4 in word 0).
+    pub addr: [u32; 4],
+    /// MAC address for L2 DSR.
+    pub mac: [u8; 6],
+    /// Address family of `addr`.
+    pub family: u8,
+    /// `BACKEND_F_*` bits.
+    pub flags: u8,
+    /// Bumped every time the id is given to a different backend; connection
+    /// entries remember it, so a reused id never captures old flows.
+    pub generation: u32,
+    /// VIP this backend id belongs to.
+    pub vip_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<Backend>() == 32);
+
+/// Value of [`MAP_CONN_TABLE`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnEntry {
+    pub backend_id: u32,
+    /// `Backend::generation` when the entry was made.
+    pub backend_generation: u32,
+}
+const _: () = assert!(core::mem::size_of::<ConnEntry>() == 8);
+
+/// Value of [`MAP_CONFIG`] (index 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GlobalConfig {
+    /// Seed of [`crate::flow_hash`]; equal on every node of a fleet.
+    pub hash_seed: u32,
+    /// Host bits of the IPv4 outer source (wire order): the outer source is
+    /// `(ipip_src_v4 & !mask) | (flow_hash & mask)`.
+    pub ipip_src_v4_mask: u32,
+    /// Generation of the applied config, carried so that counters can prove
+    /// which generation is live.
+    pub config_generation: u64,
+    /// IPv4 outer source prefix for IP-in-IP (wire order).
+    pub ipip_src_v4: u32,
+    /// Host bits of the last word of the IPv6 outer source.
+    pub ipip_src_v6_mask: u32,
+    /// IPv6 outer source prefix for IP-in-IP (wire order).
+    pub ipip_src_v6: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 40);
+
+/// Per-VIP and per-backend traffic counters (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficCounters {
+    pub packets: u64,
+    pub bytes: u64,
+    /// Flows whose backend was chosen from the lookup table (no connection
+    /// entry).
+    pub new_flows: u64,
+}
+const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 24);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], Copy, made only of integers and
+    // byte arrays with explicit padding: every bit pattern is valid.
+    unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::VipMeta {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::ConnEntry {}
+    unsafe impl aya::Pod for super::GlobalConfig {}
+    unsafe impl aya::Pod for super::TrafficCounters {}
+    unsafe impl aya::Pod for crate::flow::FlowKey {}
+}

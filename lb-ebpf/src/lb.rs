@@ -1,0 +1,221 @@
+//! The load balancer's decision for one packet: parse, find the VIP, choose
+//! the backend, forward.
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{
+    FAMILY_V4, FlowKey, GlobalConfig, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+    STAT_DROP_MALFORMED_L4, STAT_DROP_NO_CONFIG, STAT_ERR_ICMP_INNER, STAT_ERR_L4_TRUNC,
+    STAT_FRAGMENT, STAT_ICMP_PTB, STAT_PASS_MALFORMED, STAT_PASS_NOT_VIP, VIP_F_FRAG_ALIAS,
+    VIP_F_IPIP, VipKey, VipMeta,
+};
+
+use crate::{
+    forward,
+    maps::{BACKEND_STATS, CONFIG, VIPS, count, count_traffic},
+    outcome::Outcome,
+    parse::{ETH_P_IP, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, L2, L3, parse_ipv4, parse_ipv6, parse_l2, ptr_at},
+    select::{self, Chosen},
+};
+
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+const TCP_MIN_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+/// ICMP "destination unreachable / fragmentation needed" (RFC 792, 1191).
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+/// ICMPv6 "packet too big" (RFC 4443).
+const ICMPV6_PKT_TOOBIG: u8 = 2;
+const ICMP_HLEN: usize = 8;
+
+#[inline(always)]
+pub fn process(ctx: &XdpContext) -> Outcome {
+    match try_process(ctx) {
+        Ok(o) | Err(o) => o,
+    }
+}
+
+#[inline(always)]
+fn try_process(ctx: &XdpContext) -> Result<Outcome, Outcome> {
+    let l2 = parse_l2(ctx)?;
+    let l3 = if l2.ethertype == ETH_P_IP {
+        parse_ipv4(ctx, l2.l3_off)?
+    } else {
+        parse_ipv6(ctx, l2.l3_off)?
+    };
+    match l3.proto {
+        PROTO_TCP | PROTO_UDP => {}
+        PROTO_ICMP | PROTO_ICMPV6 => return icmp(ctx, &l2, &l3),
+        _ => return Err(Outcome::pass(STAT_PASS_NOT_VIP)),
+    }
+    let mut key = FlowKey {
+        src: l3.src,
+        dst: l3.dst,
+        proto: l3.proto,
+        family: l3.family,
+        ..FlowKey::default()
+    };
+    if l3.fragment {
+        return fragment(ctx, &l2, &l3, &key);
+    }
+    let Some(ports) = ptr_at::<[u16; 2]>(ctx, l3.l4_off) else {
+        return Err(malformed_l4(&l3));
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let [sport, dport] = unsafe { *ports };
+    key.src_port = sport;
+    key.dst_port = dport;
+    let meta = find_vip(&l3.dst, dport, l3.proto, l3.family).ok_or(Outcome::pass(STAT_PASS_NOT_VIP))?;
+    if meta.flags & VIP_F_FRAG_ALIAS != 0 {
+        // Port 0 is never a VIP port; the entry only routes fragments.
+        return Err(Outcome::pass(STAT_PASS_NOT_VIP));
+    }
+    let syn = if l3.proto == PROTO_TCP {
+        let hdr = ptr_at::<[u8; TCP_MIN_HLEN]>(ctx, l3.l4_off).ok_or_else(|| drop_l4())?;
+        // SAFETY: bounds checked by ptr_at.
+        let (doff, flags) = unsafe { ((*hdr)[12] >> 4, (*hdr)[13]) };
+        if doff < 5 {
+            return Err(drop_l4());
+        }
+        flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
+    } else {
+        ptr_at::<[u8; UDP_HLEN]>(ctx, l3.l4_off).ok_or_else(|| drop_l4())?;
+        false
+    };
+    let cfg = config()?;
+    let chosen = select::for_flow(&meta, &key, cfg.hash_seed, syn)?;
+    Ok(forward(ctx, &l2, &l3, &meta, &chosen, &key, &cfg))
+}
+
+#[inline(always)]
+fn config() -> Result<GlobalConfig, Outcome> {
+    CONFIG.get(0).copied().ok_or(Outcome::drop(STAT_DROP_NO_CONFIG))
+}
+
+#[inline(always)]
+fn find_vip(addr: &[u32; 4], port: u16, proto: u8, family: u8) -> Option<VipMeta> {
+    let key = VipKey { addr: *addr, port, proto, family };
+    // SAFETY: the value is copied out at once.
+    VIPS.get_ptr(&key).map(|p| unsafe { *p })
+}
+
+/// VIP traffic with a broken transport header is dropped; anything else
+/// is passed. Without ports, "is it VIP traffic" means "is there a VIP on
+/// this address and protocol", which the fragment alias answers.
+#[cold]
+#[inline(never)]
+fn malformed_l4(l3: &L3) -> Outcome {
+    count(STAT_ERR_L4_TRUNC);
+    if find_vip(&l3.dst, 0, l3.proto, l3.family).is_some() {
+        Outcome::drop(STAT_DROP_MALFORMED_L4)
+    } else {
+        Outcome::pass(STAT_PASS_MALFORMED)
+    }
+}
+
+#[inline(always)]
+fn drop_l4() -> Outcome {
+    count(STAT_ERR_L4_TRUNC);
+    Outcome::drop(STAT_DROP_MALFORMED_L4)
+}
+
+/// Every fragment of a datagram (the first one included) goes to the
+/// backend chosen by hashing addresses and protocol only, through the VIP
+/// that the (address, protocol) fragment alias names. Fragments do not use
+/// or create connection entries.
+#[inline(always)]
+fn fragment(ctx: &XdpContext, l2: &L2, l3: &L3, key: &FlowKey) -> Result<Outcome, Outcome> {
+    let meta = find_vip(&l3.dst, 0, l3.proto, l3.family).ok_or(Outcome::pass(STAT_PASS_NOT_VIP))?;
+    count(STAT_FRAGMENT);
+    let key = key.without_ports();
+    let cfg = config()?;
+    let chosen = select::from_ring(&meta, &key, cfg.hash_seed)?;
+    Ok(forward(ctx, l2, l3, &meta, &chosen, &key, &cfg))
+}
+
+/// ICMP "fragmentation needed" / ICMPv6 "packet too big" about a VIP flow:
+/// sent to the backend of the flow quoted inside (its addresses and ports
+/// swapped back into the client → VIP direction). Other ICMP is not VIP
+/// traffic and is passed to the host.
+#[inline(always)]
+fn icmp(ctx: &XdpContext, l2: &L2, l3: &L3) -> Result<Outcome, Outcome> {
+    if l3.fragment {
+        return Err(Outcome::pass(STAT_PASS_NOT_VIP));
+    }
+    let hdr = ptr_at::<[u8; ICMP_HLEN]>(ctx, l3.l4_off).ok_or(Outcome::pass(STAT_PASS_NOT_VIP))?;
+    // SAFETY: bounds checked by ptr_at.
+    let (ty, code) = unsafe { ((*hdr)[0], (*hdr)[1]) };
+    let inner_off = l3.l4_off + ICMP_HLEN;
+    let mut key = FlowKey { family: l3.family, ..FlowKey::default() };
+    let inner_l4 = if l3.family == FAMILY_V4 {
+        if l3.proto != PROTO_ICMP || ty != ICMP_DEST_UNREACH || code != ICMP_FRAG_NEEDED {
+            return Err(Outcome::pass(STAT_PASS_NOT_VIP));
+        }
+        let ip = ptr_at::<Ipv4Hdr>(ctx, inner_off).ok_or_else(|| bad_quote())?;
+        // SAFETY: bounds checked by ptr_at.
+        let ip = unsafe { &*ip };
+        let ihl = (ip.vihl & 0x0f) as usize;
+        if ihl < 5 {
+            return Err(bad_quote());
+        }
+        key.src = [ip.daddr, 0, 0, 0];
+        key.dst = [ip.saddr, 0, 0, 0];
+        key.proto = ip.proto;
+        inner_off + ihl * 4
+    } else {
+        if l3.proto != PROTO_ICMPV6 || ty != ICMPV6_PKT_TOOBIG {
+            return Err(Outcome::pass(STAT_PASS_NOT_VIP));
+        }
+        let ip = ptr_at::<Ipv6Hdr>(ctx, inner_off).ok_or_else(|| bad_quote())?;
+        // SAFETY: bounds checked by ptr_at.
+        let ip = unsafe { &*ip };
+        key.src = ip.daddr;
+        key.dst = ip.saddr;
+        key.proto = ip.nexthdr;
+        inner_off + IPV6_HLEN
+    };
+    if key.proto != PROTO_TCP && key.proto != PROTO_UDP {
+        return Err(Outcome::pass(STAT_PASS_NOT_VIP));
+    }
+    let ports = ptr_at::<[u16; 2]>(ctx, inner_l4).ok_or_else(|| bad_quote())?;
+    // SAFETY: bounds checked by ptr_at.
+    let [quoted_sport, quoted_dport] = unsafe { *ports };
+    key.src_port = quoted_dport;
+    key.dst_port = quoted_sport;
+    let meta = find_vip(&key.dst, key.dst_port, key.proto, key.family)
+        .ok_or(Outcome::pass(STAT_PASS_NOT_VIP))?;
+    if meta.flags & VIP_F_FRAG_ALIAS != 0 {
+        return Err(Outcome::pass(STAT_PASS_NOT_VIP));
+    }
+    count(STAT_ICMP_PTB);
+    let cfg = config()?;
+    let chosen = select::lookup_only(&meta, &key, cfg.hash_seed)?;
+    Ok(forward(ctx, l2, l3, &meta, &chosen, &key, &cfg))
+}
+
+#[cold]
+#[inline(never)]
+fn bad_quote() -> Outcome {
+    count(STAT_ERR_ICMP_INNER);
+    Outcome::pass(STAT_PASS_MALFORMED)
+}
+
+#[inline(always)]
+fn forward(
+    ctx: &XdpContext,
+    l2: &L2,
+    l3: &L3,
+    meta: &VipMeta,
+    chosen: &Chosen,
+    key: &FlowKey,
+    cfg: &GlobalConfig,
+) -> Outcome {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    crate::maps::count_traffic(&crate::maps::VIP_STATS, meta.vip_id, bytes, chosen.new_flow);
+    count_traffic(&BACKEND_STATS, chosen.id, bytes, chosen.new_flow);
+    if meta.flags & VIP_F_IPIP != 0 {
+        forward::ipip(ctx, l2.l3_off, l3, &chosen.backend, key, cfg)
+    } else {
+        forward::dsr(ctx, &chosen.backend)
+    }
+}

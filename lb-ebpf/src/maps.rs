@@ -1,0 +1,76 @@
+//! The maps, one static each. Names, capacities and layouts come from
+//! `lb-common`; userspace finds them by the same names.
+
+use aya_ebpf::{
+    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    BPF_F_MMAPABLE, Backend, CONN_TABLE_CAPACITY, ConnEntry, DECAP_STAT_COUNT, FlowKey,
+    GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE, MAX_TX_PORTS, MAX_VIP_KEYS, MAX_VIPS, STAT_COUNT,
+    TrafficCounters, VipKey, VipMeta,
+};
+
+/// A VIP's lookup table: slot → backend id. Memory-mappable so userspace
+/// fills a new table with one copy, then swaps it in with one update of
+/// [`RINGS`].
+pub type Ring = Array<u32, { MAX_RING_SIZE as usize }, { BPF_F_MMAPABLE as usize }>;
+
+#[btf_map]
+pub static VIPS: HashMap<VipKey, VipMeta, { MAX_VIP_KEYS as usize }> = HashMap::new();
+
+#[btf_map]
+pub static RINGS: ArrayOfMaps<Ring, { MAX_VIPS as usize }> = ArrayOfMaps::new();
+
+#[btf_map]
+pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
+
+#[btf_map]
+pub static CONN_TABLE: LruHashMap<FlowKey, ConnEntry, { CONN_TABLE_CAPACITY as usize }> =
+    LruHashMap::new();
+
+#[btf_map]
+pub static CONFIG: Array<GlobalConfig, 1> = Array::new();
+
+#[btf_map]
+pub static TX_PORTS: DevMapHash<{ MAX_TX_PORTS as usize }> = DevMapHash::new();
+
+#[btf_map]
+pub static STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
+
+#[btf_map]
+pub static VIP_STATS: PerCpuArray<TrafficCounters, { MAX_VIPS as usize }> = PerCpuArray::new();
+
+#[btf_map]
+pub static BACKEND_STATS: PerCpuArray<TrafficCounters, { MAX_BACKENDS as usize }> =
+    PerCpuArray::new();
+
+#[btf_map]
+pub static DECAP_STATS: PerCpuArray<u64, { DECAP_STAT_COUNT as usize }> = PerCpuArray::new();
+
+/// Adds one to a global counter.
+#[inline(always)]
+pub fn count(stat: u32) {
+    if let Some(c) = STATS.get_ptr_mut(stat) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Adds one packet of `bytes` to a per-VIP or per-backend counter.
+#[inline(always)]
+pub fn count_traffic<const N: usize>(
+    map: &PerCpuArray<TrafficCounters, N>,
+    id: u32,
+    bytes: u64,
+    new_flow: bool,
+) {
+    if let Some(c) = map.get_ptr_mut(id) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+            (*c).new_flows += u64::from(new_flow);
+        }
+    }
+}

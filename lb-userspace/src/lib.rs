@@ -1,0 +1,11 @@
+//! Userspace side of the load balancer: the config model, the Maglev
+//! builder, the map-content planner (pure, testable without a kernel), and
+//! the thin datapath layer that loads, attaches and programs the XDP object.
+
+pub mod datapath;
+pub mod maglev;
+pub mod model;
+pub mod plan;
+
+/// The compiled XDP object (built by build.rs from `lb-ebpf`).
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

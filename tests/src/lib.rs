@@ -1,0 +1,4 @@
+//! Test support: packet builders, netns guards.
+
+pub mod packet;
+pub mod scenario;
