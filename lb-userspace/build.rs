@@ -10,7 +10,10 @@ fn main() -> anyhow::Result<()> {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
     let root = manifest_dir.parent().context("workspace root")?;
     let tools = root.join(".tools/bin");
-    println!("cargo:rerun-if-changed={}", tools.join("bpf-linker").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        tools.join("bpf-linker").display()
+    );
     if tools.join("bpf-linker").exists() {
         let path = env::var_os("PATH").unwrap_or_default();
         let mut dirs = vec![tools];

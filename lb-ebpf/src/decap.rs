@@ -67,7 +67,11 @@ fn try_decap(ctx: &XdpContext) -> Result<u32, u32> {
         (IPV6_HLEN, DECAP_V6)
     };
     // The inner header must be there, of the same family.
-    let inner_min = if stat == DECAP_V4 { IPV4_HLEN } else { IPV6_HLEN };
+    let inner_min = if stat == DECAP_V4 {
+        IPV4_HLEN
+    } else {
+        IPV6_HLEN
+    };
     if ctx.data() + l3_off + outer_len + inner_min > ctx.data_end() {
         return Err(DECAP_DROP_MALFORMED);
     }

@@ -165,7 +165,11 @@ fn ipip4(
     if outer_len > 0xffff {
         return Err(Outcome::drop(STAT_DROP_ENCAP));
     }
-    let src = vary(cfg.ipip_src_v4, cfg.ipip_src_v4_mask, flow_hash(key, cfg.hash_seed));
+    let src = vary(
+        cfg.ipip_src_v4,
+        cfg.ipip_src_v4_mask,
+        flow_hash(key, cfg.hash_seed),
+    );
     let dst = backend.addr[0];
     // SAFETY: bpf_fib_lookup is plain data; all-zero is a valid value.
     let mut fib: FibParams = unsafe { core::mem::zeroed() };

@@ -6,14 +6,16 @@ use lb_common::{
     FAMILY_V4, FlowKey, GlobalConfig, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
     STAT_DROP_MALFORMED_L4, STAT_DROP_NO_CONFIG, STAT_ERR_ICMP_INNER, STAT_ERR_L4_TRUNC,
     STAT_FRAGMENT, STAT_ICMP_PTB, STAT_PASS_MALFORMED, STAT_PASS_NOT_VIP, VIP_F_FRAG_ALIAS,
-    VIP_F_IPIP, VipKey, VipMeta,
+    VIP_F_IPIP, VipKey, VipMeta, vip_filter_bit,
 };
 
 use crate::{
     forward,
-    maps::{BACKEND_STATS, CONFIG, VIPS, count, count_traffic},
+    maps::{BACKEND_STATS, CONFIG, VIP_FILTER, VIPS, count, count_traffic},
     outcome::Outcome,
-    parse::{ETH_P_IP, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, L2, L3, parse_ipv4, parse_ipv6, parse_l2, ptr_at},
+    parse::{
+        ETH_P_IP, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, L2, L3, parse_ipv4, parse_ipv6, parse_l2, ptr_at,
+    },
     select::{self, Chosen},
 };
 
@@ -43,6 +45,9 @@ fn try_process(ctx: &XdpContext) -> Result<Outcome, Outcome> {
     } else {
         parse_ipv6(ctx, l2.l3_off)?
     };
+    if !maybe_vip(&l3.dst) {
+        return Err(Outcome::pass(STAT_PASS_NOT_VIP));
+    }
     match l3.proto {
         PROTO_TCP | PROTO_UDP => {}
         PROTO_ICMP | PROTO_ICMPV6 => return icmp(ctx, &l2, &l3),
@@ -65,7 +70,8 @@ fn try_process(ctx: &XdpContext) -> Result<Outcome, Outcome> {
     let [sport, dport] = unsafe { *ports };
     key.src_port = sport;
     key.dst_port = dport;
-    let meta = find_vip(&l3.dst, dport, l3.proto, l3.family).ok_or(Outcome::pass(STAT_PASS_NOT_VIP))?;
+    let meta =
+        find_vip(&l3.dst, dport, l3.proto, l3.family).ok_or(Outcome::pass(STAT_PASS_NOT_VIP))?;
     if meta.flags & VIP_F_FRAG_ALIAS != 0 {
         // Port 0 is never a VIP port; the entry only routes fragments.
         return Err(Outcome::pass(STAT_PASS_NOT_VIP));
@@ -87,14 +93,29 @@ fn try_process(ctx: &XdpContext) -> Result<Outcome, Outcome> {
     Ok(forward(ctx, &l2, &l3, &meta, &chosen, &key, &cfg))
 }
 
+/// The VIP address prefilter: false means "certainly not a VIP address".
+#[inline(always)]
+fn maybe_vip(addr: &[u32; 4]) -> bool {
+    let (word, mask) = vip_filter_bit(addr);
+    VIP_FILTER.get(word).is_some_and(|w| *w & mask != 0)
+}
+
 #[inline(always)]
 fn config() -> Result<GlobalConfig, Outcome> {
-    CONFIG.get(0).copied().ok_or(Outcome::drop(STAT_DROP_NO_CONFIG))
+    CONFIG
+        .get(0)
+        .copied()
+        .ok_or(Outcome::drop(STAT_DROP_NO_CONFIG))
 }
 
 #[inline(always)]
 fn find_vip(addr: &[u32; 4], port: u16, proto: u8, family: u8) -> Option<VipMeta> {
-    let key = VipKey { addr: *addr, port, proto, family };
+    let key = VipKey {
+        addr: *addr,
+        port,
+        proto,
+        family,
+    };
     // SAFETY: the value is copied out at once.
     VIPS.get_ptr(&key).map(|p| unsafe { *p })
 }
@@ -146,7 +167,10 @@ fn icmp(ctx: &XdpContext, l2: &L2, l3: &L3) -> Result<Outcome, Outcome> {
     // SAFETY: bounds checked by ptr_at.
     let (ty, code) = unsafe { ((*hdr)[0], (*hdr)[1]) };
     let inner_off = l3.l4_off + ICMP_HLEN;
-    let mut key = FlowKey { family: l3.family, ..FlowKey::default() };
+    let mut key = FlowKey {
+        family: l3.family,
+        ..FlowKey::default()
+    };
     let inner_l4 = if l3.family == FAMILY_V4 {
         if l3.proto != PROTO_ICMP || ty != ICMP_DEST_UNREACH || code != ICMP_FRAG_NEEDED {
             return Err(Outcome::pass(STAT_PASS_NOT_VIP));

@@ -6,9 +6,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    BPF_F_MMAPABLE, Backend, CONN_TABLE_CAPACITY, ConnEntry, DECAP_STAT_COUNT, FlowKey,
-    GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE, MAX_TX_PORTS, MAX_VIP_KEYS, MAX_VIPS, STAT_COUNT,
-    TrafficCounters, VipKey, VipMeta,
+    BPF_F_MMAPABLE, Backend, CONN_TABLE_CAPACITY, CONN_TABLE_FLAGS, ConnEntry, DECAP_STAT_COUNT,
+    FlowKey, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE, MAX_TX_PORTS, MAX_VIP_KEYS, MAX_VIPS,
+    STAT_COUNT, TrafficCounters, VIP_FILTER_WORDS, VipKey, VipMeta,
 };
 
 /// A VIP's lookup table: slot → backend id. Memory-mappable so userspace
@@ -26,8 +26,18 @@ pub static RINGS: ArrayOfMaps<Ring, { MAX_VIPS as usize }> = ArrayOfMaps::new();
 pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 
 #[btf_map]
-pub static CONN_TABLE: LruHashMap<FlowKey, ConnEntry, { CONN_TABLE_CAPACITY as usize }> =
-    LruHashMap::new();
+pub static CONN_TABLE: LruHashMap<
+    FlowKey,
+    ConnEntry,
+    { CONN_TABLE_CAPACITY as usize },
+    { CONN_TABLE_FLAGS as usize },
+> = LruHashMap::new();
+
+/// Bitmap of VIP addresses (see `lb_common::vip_filter_bit`): an array
+/// lookup is inlined by the verifier, so traffic to other addresses passes
+/// without paying for a hash lookup.
+#[btf_map]
+pub static VIP_FILTER: Array<u64, { VIP_FILTER_WORDS as usize }> = Array::new();
 
 #[btf_map]
 pub static CONFIG: Array<GlobalConfig, 1> = Array::new();

@@ -12,21 +12,33 @@ pub struct Outcome {
 impl Outcome {
     #[inline(always)]
     pub const fn pass(stat: u32) -> Self {
-        Self { action: xdp_action::XDP_PASS, stat }
+        Self {
+            action: xdp_action::XDP_PASS,
+            stat,
+        }
     }
 
     #[inline(always)]
     pub const fn drop(stat: u32) -> Self {
-        Self { action: xdp_action::XDP_DROP, stat }
+        Self {
+            action: xdp_action::XDP_DROP,
+            stat,
+        }
     }
 
     #[inline(always)]
     pub const fn tx() -> Self {
-        Self { action: xdp_action::XDP_TX, stat: lb_common::STAT_TX }
+        Self {
+            action: xdp_action::XDP_TX,
+            stat: lb_common::STAT_TX,
+        }
     }
 
     #[inline(always)]
     pub const fn redirect() -> Self {
-        Self { action: xdp_action::XDP_REDIRECT, stat: lb_common::STAT_REDIRECT }
+        Self {
+            action: xdp_action::XDP_REDIRECT,
+            stat: lb_common::STAT_REDIRECT,
+        }
     }
 }

@@ -169,16 +169,16 @@ pub fn parse_ipv6(ctx: &XdpContext, l3_off: usize) -> Result<L3, Outcome> {
         match nexthdr {
             NEXTHDR_FRAGMENT => {
                 // Fixed 8 bytes: next header, reserved, offset+flags, id.
-                let hdr = ptr_at::<[u8; 8]>(ctx, off)
-                    .ok_or_else(|| malformed(STAT_ERR_IPV6_TRUNC))?;
+                let hdr =
+                    ptr_at::<[u8; 8]>(ctx, off).ok_or_else(|| malformed(STAT_ERR_IPV6_TRUNC))?;
                 // SAFETY: bounds checked by ptr_at.
                 nexthdr = unsafe { (*hdr)[0] };
                 fragment = true;
                 off += 8;
             }
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
-                let hdr = ptr_at::<[u8; 2]>(ctx, off)
-                    .ok_or_else(|| malformed(STAT_ERR_IPV6_TRUNC))?;
+                let hdr =
+                    ptr_at::<[u8; 2]>(ctx, off).ok_or_else(|| malformed(STAT_ERR_IPV6_TRUNC))?;
                 // SAFETY: bounds checked by ptr_at.
                 let (next, len8) = unsafe { ((*hdr)[0], (*hdr)[1]) };
                 nexthdr = next;

@@ -3,8 +3,8 @@
 
 use lb_common::{
     BACKEND_F_ACTIVE, Backend, ConnEntry, FlowKey, STAT_CONN_HIT, STAT_CONN_INSERT_FAIL,
-    STAT_CONN_MISS, STAT_CONN_STALE, STAT_DROP_NO_BACKEND, VIP_F_SRC_AFFINITY, VipMeta,
-    flow_hash, ring_slot,
+    STAT_CONN_MISS, STAT_CONN_STALE, STAT_DROP_NO_BACKEND, VIP_F_SRC_AFFINITY, VipMeta, flow_hash,
+    ring_slot,
 };
 
 use crate::{
@@ -38,11 +38,17 @@ pub fn from_ring(meta: &VipMeta, key: &FlowKey, seed: u32) -> Result<Chosen, Out
         .get_value(meta.vip_id, &slot)
         .ok_or(Outcome::drop(STAT_DROP_NO_BACKEND))?;
     // BACKEND_NONE (u32::MAX) is out of the array's range: a miss.
-    let backend = *BACKENDS.get(id).ok_or(Outcome::drop(STAT_DROP_NO_BACKEND))?;
+    let backend = *BACKENDS
+        .get(id)
+        .ok_or(Outcome::drop(STAT_DROP_NO_BACKEND))?;
     if backend.flags & BACKEND_F_ACTIVE == 0 {
         return Err(Outcome::drop(STAT_DROP_NO_BACKEND));
     }
-    Ok(Chosen { id, backend, new_flow: true })
+    Ok(Chosen {
+        id,
+        backend,
+        new_flow: true,
+    })
 }
 
 /// The backend of an established flow, if its connection entry still names
@@ -58,7 +64,11 @@ pub fn from_conn_table(key: &FlowKey) -> Option<Chosen> {
     match backend {
         Some(b) if b.flags & BACKEND_F_ACTIVE != 0 && b.generation == entry.backend_generation => {
             count(STAT_CONN_HIT);
-            Some(Chosen { id: entry.backend_id, backend: b, new_flow: false })
+            Some(Chosen {
+                id: entry.backend_id,
+                backend: b,
+                new_flow: false,
+            })
         }
         _ => {
             count(STAT_CONN_STALE);

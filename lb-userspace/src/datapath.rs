@@ -3,13 +3,17 @@
 //! half-made state, and read the counters.
 //!
 //! Update order (see [`Datapath::apply`]):
-//! 1. global config; 2. backend entries (new ids first get zeroed
-//! counters) — a new id is not referenced by any table yet; 3. each changed
-//! lookup table is built as a new inner map, filled through `mmap`, and
-//! swapped in with one update of the outer map (all CPUs see the old or the
-//! new table, never a mix); 4. VIP entries (one atomic hash update each);
-//! 5. VIP entries that left are deleted; 6. backends that left are marked
-//! inactive, so their connection entries miss.
+//! 1. global config;
+//! 2. backend entries (new ids first get zeroed counters): a new id is not
+//!    referenced by any table yet;
+//! 3. each changed lookup table is built as a new inner map, filled through
+//!    `mmap`, and swapped in with one update of the outer map (all CPUs see
+//!    the old or the new table, never a mix);
+//! 4. the VIP address filter admits the old and new addresses, then VIP
+//!    entries are written (one atomic hash update each);
+//! 5. VIP entries that left are deleted;
+//! 6. backends that left are marked inactive, so their connection entries
+//!    miss; the filter is narrowed to the new addresses.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -18,15 +22,17 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, ArrayOfMaps, HashMap, MapData, MapError, PerCpuArray, PerCpuValues, xdp::DevMapHash},
+    maps::{
+        Array, ArrayOfMaps, HashMap, MapData, MapError, PerCpuArray, PerCpuValues, xdp::DevMapHash,
+    },
     programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
     util::nr_cpus,
 };
 use lb_common::{
-    BPF_F_MMAPABLE, BACKEND_NONE, Backend, CONN_TABLE_CAPACITY, DECAP_STAT_COUNT, GlobalConfig,
+    BACKEND_NONE, BPF_F_MMAPABLE, Backend, CONN_TABLE_CAPACITY, DECAP_STAT_COUNT, GlobalConfig,
     MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_CONN_TABLE, MAP_DECAP_STATS, MAP_RINGS,
-    MAP_STATS, MAP_TX_PORTS, MAP_VIP_STATS, MAP_VIPS, MAX_RING_SIZE, PROG_DECAP, PROG_LB,
-    STAT_COUNT, TrafficCounters, VipKey, VipMeta,
+    MAP_STATS, MAP_TX_PORTS, MAP_VIP_FILTER, MAP_VIP_STATS, MAP_VIPS, MAX_RING_SIZE, PROG_DECAP,
+    PROG_LB, STAT_COUNT, TrafficCounters, VipKey, VipMeta,
 };
 
 use crate::plan::MapPlan;
@@ -37,9 +43,15 @@ pub enum DatapathError {
     #[error("loading the XDP object failed (is this Linux ≥ 5.15 with BTF, run as root?): {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]
-    Program { name: &'static str, source: ProgramError },
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: MapError },
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
     #[error("map {name} is missing from the object (object and agent out of sync?)")]
     MissingMap { name: &'static str },
     #[error("attaching to interface {iface} failed: {source}")]
@@ -65,7 +77,9 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { conn_table_capacity: CONN_TABLE_CAPACITY }
+        Self {
+            conn_table_capacity: CONN_TABLE_CAPACITY,
+        }
     }
 }
 
@@ -81,11 +95,13 @@ pub struct DataplaneStats {
 }
 
 fn sum(values: &PerCpuValues<TrafficCounters>) -> TrafficCounters {
-    values.iter().fold(TrafficCounters::default(), |a, v| TrafficCounters {
-        packets: a.packets + v.packets,
-        bytes: a.bytes + v.bytes,
-        new_flows: a.new_flows + v.new_flows,
-    })
+    values
+        .iter()
+        .fold(TrafficCounters::default(), |a, v| TrafficCounters {
+            packets: a.packets + v.packets,
+            bytes: a.bytes + v.bytes,
+            new_flows: a.new_flows + v.new_flows,
+        })
 }
 
 /// The load balancer's program and maps in the kernel.
@@ -102,8 +118,15 @@ impl Datapath {
             .map_max_entries(MAP_CONN_TABLE, opts.conn_table_capacity)
             .load(crate::EBPF_OBJECT)?;
         let prog = program(&mut ebpf, PROG_LB)?;
-        prog.load().map_err(|source| DatapathError::Program { name: PROG_LB, source })?;
-        Ok(Self { ebpf, applied: None, links: Vec::new() })
+        prog.load().map_err(|source| DatapathError::Program {
+            name: PROG_LB,
+            source,
+        })?;
+        Ok(Self {
+            ebpf,
+            applied: None,
+            links: Vec::new(),
+        })
     }
 
     /// The loaded `xdp_lb` program (for attaching or BPF_PROG_TEST_RUN).
@@ -121,7 +144,10 @@ impl Datapath {
         let link = self
             .program()?
             .attach(iface, mode)
-            .map_err(|source| DatapathError::Attach { iface: iface.into(), source })?;
+            .map_err(|source| DatapathError::Attach {
+                iface: iface.into(),
+                source,
+            })?;
         self.links.push(link);
         Ok(())
     }
@@ -131,7 +157,10 @@ impl Datapath {
         for link in std::mem::take(&mut self.links) {
             self.program()?
                 .detach(link)
-                .map_err(|source| DatapathError::Program { name: PROG_LB, source })?;
+                .map_err(|source| DatapathError::Program {
+                    name: PROG_LB,
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -157,7 +186,11 @@ impl Datapath {
         let res = self.write_plan(plan, prev.as_ref());
         // On failure the maps may hold a mix; remember the new plan anyway
         // only if it was fully written.
-        self.applied = if res.is_ok() { Some(plan.clone()) } else { prev };
+        self.applied = if res.is_ok() {
+            Some(plan.clone())
+        } else {
+            prev
+        };
         res
     }
 
@@ -165,8 +198,9 @@ impl Datapath {
         let mut config: Array<_, GlobalConfig> = self.map_mut(MAP_CONFIG)?;
         config.set(0, plan.global, 0).map_err(map_err(MAP_CONFIG))?;
 
-        let prev_backends: BTreeMap<u32, Backend> =
-            prev.map(|p| p.backends.iter().map(|b| (b.id, b.entry)).collect()).unwrap_or_default();
+        let prev_backends: BTreeMap<u32, Backend> = prev
+            .map(|p| p.backends.iter().map(|b| (b.id, b.entry)).collect())
+            .unwrap_or_default();
         let ncpus = nr_cpus().map_err(|(_, e)| DatapathError::Cpus(e))?;
         {
             let mut backends: Array<_, Backend> = self.map_mut(MAP_BACKENDS)?;
@@ -177,7 +211,9 @@ impl Datapath {
                     Some(old) if old.generation == b.entry.generation => {}
                     _ => fresh.push(b.id),
                 }
-                backends.set(b.id, b.entry, 0).map_err(map_err(MAP_BACKENDS))?;
+                backends
+                    .set(b.id, b.entry, 0)
+                    .map_err(map_err(MAP_BACKENDS))?;
             }
             let mut stats: PerCpuArray<_, TrafficCounters> = self.map_mut(MAP_BACKEND_STATS)?;
             for id in fresh {
@@ -188,7 +224,12 @@ impl Datapath {
         }
 
         let prev_rings: BTreeMap<u32, u64> = prev
-            .map(|p| p.vips.iter().map(|v| (v.meta.vip_id, v.ring_digest)).collect())
+            .map(|p| {
+                p.vips
+                    .iter()
+                    .map(|v| (v.meta.vip_id, v.ring_digest))
+                    .collect()
+            })
             .unwrap_or_default();
         {
             let mut rings: ArrayOfMaps<_, MapData> = self.map_mut(MAP_RINGS)?;
@@ -197,18 +238,41 @@ impl Datapath {
                     continue;
                 }
                 let inner = build_ring(&v.ring)?;
-                rings.set(v.meta.vip_id, &inner, 0).map_err(map_err(MAP_RINGS))?;
+                rings
+                    .set(v.meta.vip_id, &inner, 0)
+                    .map_err(map_err(MAP_RINGS))?;
             }
         }
 
+        // The address filter must admit every address of the old and the
+        // new plan while both may be in the VIP map.
+        let old_filter = prev.map(|p| p.vip_filter.clone()).unwrap_or_default();
+        let union: Vec<u64> = plan
+            .vip_filter
+            .iter()
+            .enumerate()
+            .map(|(i, w)| w | old_filter.get(i).copied().unwrap_or(0))
+            .collect();
+        self.write_filter(&union)?;
+
         let mut vips: HashMap<_, VipKey, VipMeta> = self.map_mut(MAP_VIPS)?;
         let mut keys = BTreeSet::new();
-        for (key, meta) in plan.vips.iter().map(|v| (v.key, v.meta)).chain(plan.aliases.iter().copied()) {
+        for (key, meta) in plan
+            .vips
+            .iter()
+            .map(|v| (v.key, v.meta))
+            .chain(plan.aliases.iter().copied())
+        {
             keys.insert(key_bytes(&key));
             vips.insert(key, meta, 0).map_err(map_err(MAP_VIPS))?;
         }
         if let Some(prev) = prev {
-            for key in prev.vips.iter().map(|v| v.key).chain(prev.aliases.iter().map(|a| a.0)) {
+            for key in prev
+                .vips
+                .iter()
+                .map(|v| v.key)
+                .chain(prev.aliases.iter().map(|a| a.0))
+            {
                 if !keys.contains(&key_bytes(&key)) {
                     vips.remove(&key).map_err(map_err(MAP_VIPS))?;
                 }
@@ -216,9 +280,25 @@ impl Datapath {
             let now: BTreeSet<u32> = plan.backends.iter().map(|b| b.id).collect();
             let mut backends: Array<_, Backend> = self.map_mut(MAP_BACKENDS)?;
             for b in prev.backends.iter().filter(|b| !now.contains(&b.id)) {
-                let gone = Backend { flags: 0, ..b.entry };
+                let gone = Backend {
+                    flags: 0,
+                    ..b.entry
+                };
                 backends.set(b.id, gone, 0).map_err(map_err(MAP_BACKENDS))?;
             }
+        }
+        if union != plan.vip_filter {
+            self.write_filter(&plan.vip_filter)?;
+        }
+        Ok(())
+    }
+
+    fn write_filter(&mut self, words: &[u64]) -> Result<(), DatapathError> {
+        let mut filter: Array<_, u64> = self.map_mut(MAP_VIP_FILTER)?;
+        for (i, w) in words.iter().enumerate() {
+            filter
+                .set(i as u32, *w, 0)
+                .map_err(map_err(MAP_VIP_FILTER))?;
         }
         Ok(())
     }
@@ -227,15 +307,23 @@ impl Datapath {
     /// applied plan).
     pub fn stats(&self) -> Result<DataplaneStats, DatapathError> {
         let global: PerCpuArray<_, u64> = self.map(MAP_STATS)?;
-        let mut out = DataplaneStats { global: vec![0; STAT_COUNT as usize], ..Default::default() };
+        let mut out = DataplaneStats {
+            global: vec![0; STAT_COUNT as usize],
+            ..Default::default()
+        };
         for (i, slot) in out.global.iter_mut().enumerate() {
-            *slot = global.get(&(i as u32), 0).map_err(map_err(MAP_STATS))?.iter().sum();
+            *slot = global
+                .get(&(i as u32), 0)
+                .map_err(map_err(MAP_STATS))?
+                .iter()
+                .sum();
         }
         if let Some(plan) = &self.applied {
             let vips: PerCpuArray<_, TrafficCounters> = self.map(MAP_VIP_STATS)?;
             for v in &plan.vips {
                 let id = v.meta.vip_id;
-                out.vips.insert(id, sum(&vips.get(&id, 0).map_err(map_err(MAP_VIP_STATS))?));
+                out.vips
+                    .insert(id, sum(&vips.get(&id, 0).map_err(map_err(MAP_VIP_STATS))?));
             }
             let backends: PerCpuArray<_, TrafficCounters> = self.map(MAP_BACKEND_STATS)?;
             for b in &plan.backends {
@@ -250,7 +338,10 @@ impl Datapath {
     where
         T: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
     {
-        let map = self.ebpf.map_mut(name).ok_or(DatapathError::MissingMap { name })?;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap { name })?;
         T::try_from(map).map_err(map_err(name))
     }
 
@@ -258,20 +349,32 @@ impl Datapath {
     where
         T: TryFrom<&'a aya::maps::Map, Error = MapError>,
     {
-        let map = self.ebpf.map(name).ok_or(DatapathError::MissingMap { name })?;
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or(DatapathError::MissingMap { name })?;
         T::try_from(map).map_err(map_err(name))
     }
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DatapathError> {
-    let prog = ebpf
-        .program_mut(name)
-        .ok_or(DatapathError::Program { name, source: ProgramError::NotLoaded })?;
-    prog.try_into().map_err(|source| DatapathError::Program { name, source })
+    let prog = ebpf.program_mut(name).ok_or(DatapathError::Program {
+        name,
+        source: ProgramError::NotLoaded,
+    })?;
+    prog.try_into()
+        .map_err(|source| DatapathError::Program { name, source })
 }
 
 fn key_bytes(k: &VipKey) -> [u32; 6] {
-    [k.addr[0], k.addr[1], k.addr[2], k.addr[3], u32::from(k.port), u32::from(k.proto) | u32::from(k.family) << 8]
+    [
+        k.addr[0],
+        k.addr[1],
+        k.addr[2],
+        k.addr[3],
+        u32::from(k.port),
+        u32::from(k.proto) | u32::from(k.family) << 8,
+    ]
 }
 
 /// Creates a lookup table as a memory-mappable array and fills it with one
@@ -279,10 +382,11 @@ fn key_bytes(k: &VipKey) -> [u32; 6] {
 /// under one). Slots past `ring.len()` hold `BACKEND_NONE`.
 fn build_ring(ring: &[u32]) -> Result<MapData, DatapathError> {
     const BPF_MAP_TYPE_ARRAY: u32 = 2;
-    let obj = aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, 4, MAX_RING_SIZE, BPF_F_MMAPABLE);
-    let data = MapData::create(obj, "lb_ring", None).map_err(map_err(MAP_RINGS))?;
     // An array's elements are 8-byte aligned: a u32 value occupies 8 bytes.
     const STRIDE: usize = 8;
+    let obj =
+        aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, 4, MAX_RING_SIZE, BPF_F_MMAPABLE);
+    let data = MapData::create(obj, "lb_ring", None).map_err(map_err(MAP_RINGS))?;
     // SAFETY: sysconf has no preconditions.
     let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
     let len = (MAX_RING_SIZE as usize * STRIDE).div_ceil(page) * page;
@@ -290,16 +394,25 @@ fn build_ring(ring: &[u32]) -> Result<MapData, DatapathError> {
     // SAFETY: mapping a BPF_F_MMAPABLE array of `len` bytes (rounded to
     // pages) that we own; unmapped below before the fd can go away.
     let ptr = unsafe {
-        libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
     };
     if ptr == libc::MAP_FAILED {
         return Err(DatapathError::Mmap(std::io::Error::last_os_error()));
     }
-    let base = ptr.cast::<u8>();
+    // The mapping is page-aligned, so viewing it as u64 elements is aligned;
+    // the value sits in the element's first four bytes (little-endian).
+    let base = ptr.cast::<u64>();
     for i in 0..MAX_RING_SIZE as usize {
         let v = ring.get(i).copied().unwrap_or(BACKEND_NONE);
-        // SAFETY: i * STRIDE + 4 ≤ len; u32 writes at 8-byte aligned offsets.
-        unsafe { base.add(i * STRIDE).cast::<u32>().write(v) };
+        // SAFETY: (i + 1) * STRIDE ≤ len; aligned u64 writes.
+        unsafe { base.add(i).write(u64::from(v)) };
     }
     // SAFETY: ptr/len are the mapping created above.
     unsafe { libc::munmap(ptr, len) };
@@ -315,10 +428,18 @@ pub struct Decap {
 impl Decap {
     /// Loads `xdp_decap` (with a minimal connection table: it uses none).
     pub fn load() -> Result<Self, DatapathError> {
-        let mut ebpf = EbpfLoader::new().map_max_entries(MAP_CONN_TABLE, 1).load(crate::EBPF_OBJECT)?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(MAP_CONN_TABLE, 1)
+            .load(crate::EBPF_OBJECT)?;
         let prog = program(&mut ebpf, PROG_DECAP)?;
-        prog.load().map_err(|source| DatapathError::Program { name: PROG_DECAP, source })?;
-        Ok(Self { ebpf, links: Vec::new() })
+        prog.load().map_err(|source| DatapathError::Program {
+            name: PROG_DECAP,
+            source,
+        })?;
+        Ok(Self {
+            ebpf,
+            links: Vec::new(),
+        })
     }
 
     /// The loaded `xdp_decap` program.
@@ -331,17 +452,32 @@ impl Decap {
         let link = self
             .program()?
             .attach(iface, mode)
-            .map_err(|source| DatapathError::Attach { iface: iface.into(), source })?;
+            .map_err(|source| DatapathError::Attach {
+                iface: iface.into(),
+                source,
+            })?;
         self.links.push(link);
         Ok(())
     }
 
     /// Decap counters summed over CPUs, indexed by the `DECAP_*` constants.
     pub fn stats(&self) -> Result<Vec<u64>, DatapathError> {
-        let map = self.ebpf.map(MAP_DECAP_STATS).ok_or(DatapathError::MissingMap { name: MAP_DECAP_STATS })?;
-        let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(map).map_err(map_err(MAP_DECAP_STATS))?;
+        let map = self
+            .ebpf
+            .map(MAP_DECAP_STATS)
+            .ok_or(DatapathError::MissingMap {
+                name: MAP_DECAP_STATS,
+            })?;
+        let stats: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(map).map_err(map_err(MAP_DECAP_STATS))?;
         (0..DECAP_STAT_COUNT)
-            .map(|i| Ok(stats.get(&i, 0).map_err(map_err(MAP_DECAP_STATS))?.iter().sum()))
+            .map(|i| {
+                Ok(stats
+                    .get(&i, 0)
+                    .map_err(map_err(MAP_DECAP_STATS))?
+                    .iter()
+                    .sum())
+            })
             .collect()
     }
 }

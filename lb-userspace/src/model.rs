@@ -79,8 +79,13 @@ pub struct MacAddr(pub [u8; 6]);
 
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let [a, b, c, d, e, g] = self.0;
-        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+        for (i, byte) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(":")?;
+            }
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
     }
 }
 
@@ -171,7 +176,11 @@ impl fmt::Display for VipId {
 
 impl VipSpec {
     pub const fn id(&self) -> VipId {
-        VipId { address: self.address, port: self.port, protocol: self.protocol }
+        VipId {
+            address: self.address,
+            port: self.port,
+            protocol: self.protocol,
+        }
     }
 }
 

@@ -10,7 +10,8 @@ use std::{
 
 use lb_common::{
     BACKEND_F_ACTIVE, Backend, FAMILY_V4, FAMILY_V6, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE,
-    MAX_VIPS, VIP_F_FRAG_ALIAS, VIP_F_IPIP, VIP_F_SRC_AFFINITY, VipKey, VipMeta,
+    MAX_VIPS, VIP_F_FRAG_ALIAS, VIP_F_IPIP, VIP_F_SRC_AFFINITY, VIP_FILTER_WORDS, VipKey, VipMeta,
+    vip_filter_bit,
 };
 use serde::{Deserialize, Serialize};
 
@@ -25,16 +26,29 @@ pub enum PlanError {
     #[error("more than {max} VIPs (VIP {vip} does not fit); split the config across nodes")]
     TooManyVips { vip: VipId, max: u32 },
     #[error("more than {max} backends in all VIPs (VIP {vip}, backend {backend} does not fit)")]
-    TooManyBackends { vip: VipId, backend: IpAddr, max: u32 },
+    TooManyBackends {
+        vip: VipId,
+        backend: IpAddr,
+        max: u32,
+    },
     #[error("VIP {vip}: table size {size} is larger than the maximum {max}")]
     TableTooLarge { vip: VipId, size: u32, max: u32 },
     #[error("VIP {vip}: port 0 is reserved (it routes IP fragments); use a real port")]
     PortZero { vip: VipId },
     #[error("VIP {vip} appears twice")]
     DuplicateVip { vip: VipId },
-    #[error("VIP {vip}: backend {backend} is {backend_family}, the VIP is {vip_family}; ipip needs the same family")]
-    FamilyMismatch { vip: VipId, backend: IpAddr, backend_family: &'static str, vip_family: &'static str },
-    #[error("VIP {vip}: backend {backend} has no MAC address, which dsr needs; add `mac = \"aa:bb:cc:dd:ee:ff\"`")]
+    #[error(
+        "VIP {vip}: backend {backend} is {backend_family}, the VIP is {vip_family}; ipip needs the same family"
+    )]
+    FamilyMismatch {
+        vip: VipId,
+        backend: IpAddr,
+        backend_family: &'static str,
+        vip_family: &'static str,
+    },
+    #[error(
+        "VIP {vip}: backend {backend} has no MAC address, which dsr needs; add `mac = \"aa:bb:cc:dd:ee:ff\"`"
+    )]
     MissingMac { vip: VipId, backend: IpAddr },
     #[error("VIP {vip}: {source}")]
     Maglev { vip: VipId, source: MaglevError },
@@ -73,8 +87,16 @@ impl IdAllocator {
         if let Some(&id) = self.backends.get(&(vip, addr)) {
             return Some((id, self.generations[&id]));
         }
-        let id = take_id(&mut self.free_backend_ids, &mut self.next_backend_id, MAX_BACKENDS)?;
-        let generation = self.generations.entry(id).and_modify(|g| *g = g.wrapping_add(1)).or_insert(1);
+        let id = take_id(
+            &mut self.free_backend_ids,
+            &mut self.next_backend_id,
+            MAX_BACKENDS,
+        )?;
+        let generation = self
+            .generations
+            .entry(id)
+            .and_modify(|g| *g = g.wrapping_add(1))
+            .or_insert(1);
         self.backends.insert((vip, addr), id);
         Some((id, *generation))
     }
@@ -83,11 +105,14 @@ impl IdAllocator {
     /// previous plan quarantined.
     fn release_unused(&mut self, used_vips: &BTreeSet<u32>, used_backends: &BTreeSet<u32>) {
         self.free_vip_ids.append(&mut self.quarantined_vip_ids);
-        self.free_backend_ids.append(&mut self.quarantined_backend_ids);
+        self.free_backend_ids
+            .append(&mut self.quarantined_backend_ids);
         let q = &mut self.quarantined_vip_ids;
-        self.vips.retain(|_, id| used_vips.contains(id) || !q.insert(*id));
+        self.vips
+            .retain(|_, id| used_vips.contains(id) || !q.insert(*id));
         let q = &mut self.quarantined_backend_ids;
-        self.backends.retain(|_, id| used_backends.contains(id) || !q.insert(*id));
+        self.backends
+            .retain(|_, id| used_backends.contains(id) || !q.insert(*id));
     }
 }
 
@@ -133,6 +158,8 @@ pub struct MapPlan {
     /// port on that address and protocol.
     pub aliases: Vec<(VipKey, VipMeta)>,
     pub backends: Vec<PlannedBackend>,
+    /// Bitmap of VIP addresses (`VIP_FILTER`), `VIP_FILTER_WORDS` words.
+    pub vip_filter: Vec<u64>,
     /// Id state after this plan; commit it once the plan is applied.
     pub allocator: IdAllocator,
 }
@@ -157,7 +184,12 @@ pub const fn port_wire(port: u16) -> u16 {
 /// The VIP map key of a VIP.
 pub fn vip_key(vip: &VipId) -> VipKey {
     let (addr, family) = addr_words(vip.address);
-    VipKey { addr, port: port_wire(vip.port), proto: vip.protocol.number(), family }
+    VipKey {
+        addr,
+        port: port_wire(vip.port),
+        proto: vip.protocol.number(),
+        family,
+    }
 }
 
 const fn family_name(a: IpAddr) -> &'static str {
@@ -212,6 +244,7 @@ pub fn plan(spec: &DataplaneSpec, previous: &IdAllocator) -> Result<MapPlan, Pla
     alloc.release_unused(&used_vips, &used_backends);
     Ok(MapPlan {
         global: global_config(spec),
+        vip_filter: vip_filter(&vips),
         aliases: fragment_aliases(&vips),
         vips,
         backends,
@@ -230,11 +263,18 @@ fn plan_vip(
         return Err(PlanError::PortZero { vip: id });
     }
     if vip.table_size > MAX_RING_SIZE {
-        return Err(PlanError::TableTooLarge { vip: id, size: vip.table_size, max: MAX_RING_SIZE });
+        return Err(PlanError::TableTooLarge {
+            vip: id,
+            size: vip.table_size,
+            max: MAX_RING_SIZE,
+        });
     }
     let vip_id = alloc
         .vip_id(id, vip.table_size)
-        .ok_or(PlanError::TooManyVips { vip: id, max: MAX_VIPS })?;
+        .ok_or(PlanError::TooManyVips {
+            vip: id,
+            max: MAX_VIPS,
+        })?;
     let mut maglev_input = Vec::with_capacity(vip.backends.len());
     for b in &vip.backends {
         let (addr, family) = addr_words(b.address);
@@ -247,20 +287,37 @@ fn plan_vip(
             });
         }
         if vip.mode == ForwardingMode::Dsr && b.mac.is_none() && b.state != BackendState::Down {
-            return Err(PlanError::MissingMac { vip: id, backend: b.address });
+            return Err(PlanError::MissingMac {
+                vip: id,
+                backend: b.address,
+            });
         }
-        let (bid, generation) = alloc.backend_id(id, b.address).ok_or(PlanError::TooManyBackends {
-            vip: id,
-            backend: b.address,
-            max: MAX_BACKENDS,
-        })?;
-        let weight = if b.state == BackendState::Active { b.weight } else { 0 };
+        let (bid, generation) =
+            alloc
+                .backend_id(id, b.address)
+                .ok_or(PlanError::TooManyBackends {
+                    vip: id,
+                    backend: b.address,
+                    max: MAX_BACKENDS,
+                })?;
+        let weight = if b.state == BackendState::Active {
+            b.weight
+        } else {
+            0
+        };
         maglev_input.push(MaglevBackend {
-            identity: BackendIdentity { addr: b.address, port: 0 },
+            identity: BackendIdentity {
+                addr: b.address,
+                port: 0,
+            },
             weight,
             id: bid,
         });
-        let flags = if b.state == BackendState::Down { 0 } else { BACKEND_F_ACTIVE };
+        let flags = if b.state == BackendState::Down {
+            0
+        } else {
+            BACKEND_F_ACTIVE
+        };
         backends.push(PlannedBackend {
             id: bid,
             vip: id,
@@ -289,10 +346,24 @@ fn plan_vip(
     Ok(PlannedVip {
         vip: id,
         key: vip_key(&id),
-        meta: VipMeta { vip_id, ring_size: vip.table_size, flags, _pad: 0 },
+        meta: VipMeta {
+            vip_id,
+            ring_size: vip.table_size,
+            flags,
+            _pad: 0,
+        },
         ring_digest: maglev::table_digest(&ring),
         ring,
     })
+}
+
+fn vip_filter(vips: &[PlannedVip]) -> Vec<u64> {
+    let mut words = vec![0u64; VIP_FILTER_WORDS as usize];
+    for v in vips {
+        let (word, mask) = vip_filter_bit(&v.key.addr);
+        words[word as usize] |= mask;
+    }
+    words
 }
 
 fn fragment_aliases(vips: &[PlannedVip]) -> Vec<(VipKey, VipMeta)> {
@@ -310,7 +381,10 @@ fn fragment_aliases(vips: &[PlannedVip]) -> Vec<(VipKey, VipMeta)> {
         .into_values()
         .map(|v| {
             let key = VipKey { port: 0, ..v.key };
-            let meta = VipMeta { flags: v.meta.flags | VIP_F_FRAG_ALIAS, ..v.meta };
+            let meta = VipMeta {
+                flags: v.meta.flags | VIP_F_FRAG_ALIAS,
+                ..v.meta
+            };
             (key, meta)
         })
         .collect()

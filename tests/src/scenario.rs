@@ -38,7 +38,11 @@ pub fn backend_v6(i: u8) -> Ipv6Addr {
 pub fn backends(n: u8, v6: bool) -> Vec<BackendSpec> {
     (1..=n)
         .map(|i| BackendSpec {
-            address: if v6 { IpAddr::V6(backend_v6(i)) } else { IpAddr::V4(backend_v4(i)) },
+            address: if v6 {
+                IpAddr::V6(backend_v6(i))
+            } else {
+                IpAddr::V4(backend_v4(i))
+            },
             weight: 100,
             mac: Some(MacAddr(backend_mac(i))),
             state: BackendState::Active,
@@ -63,8 +67,14 @@ pub fn vip(address: IpAddr, port: u16, protocol: Protocol, mode: ForwardingMode,
 pub fn spec(vips: Vec<VipSpec>) -> DataplaneSpec {
     DataplaneSpec {
         hash_seed: SEED,
-        ipip_source_v4: Some(Ipv4Prefix { addr: IPIP_SRC_V4, len: 24 }),
-        ipip_source_v6: Some(Ipv6Prefix { addr: IPIP_SRC_V6, len: 96 }),
+        ipip_source_v4: Some(Ipv4Prefix {
+            addr: IPIP_SRC_V4,
+            len: 24,
+        }),
+        ipip_source_v6: Some(Ipv6Prefix {
+            addr: IPIP_SRC_V6,
+            len: 96,
+        }),
         generation: 1,
         vips,
     }

@@ -11,7 +11,10 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "Project tasks for the XDP load balancer")]
+#[command(
+    name = "cargo xtask",
+    about = "Project tasks for the XDP load balancer"
+)]
 struct Cli {
     #[command(subcommand)]
     task: Task,
@@ -47,13 +50,18 @@ enum Task {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 /// PATH with the project-local tools first.
 fn tool_path() -> anyhow::Result<OsString> {
     let mut dirs = vec![root().join(".tools/bin")];
-    dirs.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+    dirs.extend(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    ));
     Ok(std::env::join_paths(dirs)?)
 }
 
@@ -75,13 +83,18 @@ fn cargo() -> Command {
 }
 
 fn setup() -> anyhow::Result<()> {
-    run("setup (scripts/setup.sh)", Command::new("bash").arg(root().join("scripts/setup.sh")))
+    run(
+        "setup (scripts/setup.sh)",
+        Command::new("bash").arg(root().join("scripts/setup.sh")),
+    )
 }
 
 fn require_root(task: &str) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { geteuid() } != 0 {
-        bail!("`cargo xtask {task}` loads XDP programs and creates network namespaces: run it as root");
+        bail!(
+            "`cargo xtask {task}` loads XDP programs and creates network namespaces: run it as root"
+        );
     }
     Ok(())
 }
@@ -99,29 +112,56 @@ fn main() -> anyhow::Result<()> {
             run("rustfmt check", cargo().args(["fmt", "--all", "--check"]))?;
             run(
                 "clippy (warnings are errors)",
-                cargo().args(["clippy", "--workspace", "--exclude", "lb-ebpf", "--all-targets", "--", "-D", "warnings"]),
+                cargo().args([
+                    "clippy",
+                    "--workspace",
+                    "--exclude",
+                    "lb-ebpf",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]),
             )?;
-            run("tests", cargo().args(["test", "--workspace", "--exclude", "lb-ebpf"]).args(&args))
+            run(
+                "tests",
+                cargo()
+                    .args(["test", "--workspace", "--exclude", "lb-ebpf"])
+                    .args(&args),
+            )
         }
         Task::Bench { runs, calls } => {
             require_root("bench")?;
             setup()?;
             run(
                 "benchmark",
-                cargo().args(["run", "--release", "-p", "lb-tests", "--bin", "lb-bench", "--"]).args([
-                    "--runs",
-                    &runs.to_string(),
-                    "--calls",
-                    &calls.to_string(),
-                    "--out",
-                    "bench-results",
-                ]),
+                cargo()
+                    .args([
+                        "run",
+                        "--release",
+                        "-p",
+                        "lb-tests",
+                        "--bin",
+                        "lb-bench",
+                        "--",
+                    ])
+                    .args([
+                        "--runs",
+                        &runs.to_string(),
+                        "--calls",
+                        &calls.to_string(),
+                        "--out",
+                        "bench-results",
+                    ]),
             )
         }
         Task::Demo => {
             require_root("demo")?;
             setup()?;
-            run("demo", cargo().args(["run", "--release", "-p", "lb-tests", "--bin", "lb-demo"]))
+            run(
+                "demo",
+                cargo().args(["run", "--release", "-p", "lb-tests", "--bin", "lb-demo"]),
+            )
         }
     }
 }

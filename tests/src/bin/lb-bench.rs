@@ -26,6 +26,7 @@ use lb_userspace::{
 };
 
 struct Args {
+    table_size: u32,
     conn_capacity: u32,
     runs: usize,
     calls: u32,
@@ -33,14 +34,23 @@ struct Args {
 }
 
 fn parse_args() -> Args {
-    let mut a = Args { conn_capacity: lb_common::CONN_TABLE_CAPACITY, runs: 5, calls: 20_000, out: PathBuf::from("bench-results") };
+    let mut a = Args {
+        table_size: lb_common::DEFAULT_RING_SIZE,
+        conn_capacity: lb_common::CONN_TABLE_CAPACITY,
+        runs: 5,
+        calls: 20_000,
+        out: PathBuf::from("bench-results"),
+    };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut val = || it.next().unwrap_or_else(|| panic!("{arg} needs a value"));
         match arg.as_str() {
             "--runs" => a.runs = val().parse().expect("--runs takes a number"),
             "--calls" => a.calls = val().parse().expect("--calls takes a number"),
-            "--conn-capacity" => a.conn_capacity = val().parse().expect("--conn-capacity takes a number"),
+            "--conn-capacity" => {
+                a.conn_capacity = val().parse().expect("--conn-capacity takes a number")
+            }
+            "--table-size" => a.table_size = val().parse().expect("--table-size takes a prime"),
             "--out" => a.out = PathBuf::from(val()),
             "-h" | "--help" => {
                 println!("lb-bench [--runs N] [--calls N] [--out DIR]");
@@ -67,21 +77,35 @@ fn time_calls(prog: &Xdp, calls: u32, packet: &mut dyn FnMut(u32) -> Vec<u8>) ->
 }
 
 fn v4_tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: TcpFlags) -> Vec<u8> {
-    PacketBuilder::eth(CLIENT_MAC, LB_MAC).ipv4(src, dst).tcp(sport, dport, flags).payload(&[0u8; 64]).build()
+    PacketBuilder::eth(CLIENT_MAC, LB_MAC)
+        .ipv4(src, dst)
+        .tcp(sport, dport, flags)
+        .payload(&[0u8; 64])
+        .build()
 }
 
 fn v6_tcp(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, flags: TcpFlags) -> Vec<u8> {
-    PacketBuilder::eth(CLIENT_MAC, LB_MAC).ipv6(src, dst).tcp(sport, dport, flags).payload(&[0u8; 64]).build()
+    PacketBuilder::eth(CLIENT_MAC, LB_MAC)
+        .ipv6(src, dst)
+        .tcp(sport, dport, flags)
+        .payload(&[0u8; 64])
+        .build()
 }
 
 /// A client address and port that differ for every call `i`.
 fn client_v4(i: u32) -> (Ipv4Addr, u16) {
     let [_, b, c, d] = i.to_be_bytes();
-    (Ipv4Addr::new(198, 18, 128 | (b & 0x7f), c), 1024 + u16::from(d) * 200 + (i % 200) as u16)
+    (
+        Ipv4Addr::new(198, 18, 128 | (b & 0x7f), c),
+        1024 + u16::from(d) * 200 + (i % 200) as u16,
+    )
 }
 
 fn client_v6(i: u32) -> (Ipv6Addr, u16) {
-    (Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, (i >> 16) as u16, i as u16), 1024 + (i % 60000) as u16)
+    (
+        Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, (i >> 16) as u16, i as u16),
+        1024 + (i % 60000) as u16,
+    )
 }
 
 struct Class {
@@ -95,13 +119,23 @@ fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     let n = s.len();
-    if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
 }
 
 fn main() {
     let args = parse_args();
-    let mut dp = Datapath::load(LoadOptions { conn_table_capacity: args.conn_capacity }).expect("load xdp_lb (run as root)");
-    let spec = scenario::standard(10);
+    let mut dp = Datapath::load(LoadOptions {
+        conn_table_capacity: args.conn_capacity,
+    })
+    .expect("load xdp_lb (run as root)");
+    let mut spec = scenario::standard(10);
+    for v in &mut spec.vips {
+        v.table_size = args.table_size;
+    }
     let plan = plan::plan(&spec, &IdAllocator::default()).expect("plan");
     dp.apply(&plan).expect("apply");
     {
@@ -125,18 +159,32 @@ fn main() {
     ];
     let mut classes: Vec<Class> = names
         .iter()
-        .map(|&(name, t)| Class { name, target_ratio: t, lower_is_better: true, runs_ns: Vec::new() })
+        .map(|&(name, t)| Class {
+            name,
+            target_ratio: t,
+            lower_is_better: true,
+            runs_ns: Vec::new(),
+        })
         .collect();
 
     // Established flows: one SYN first creates the connection entry.
     let est_v4 = v4_tcp(CLIENT_V4, 40000, VIP_V4, 80, TcpFlags::ACK);
     let est_v6 = v6_tcp(CLIENT_V6, 40000, VIP_V6, 80, TcpFlags::ACK);
-    let udp = PacketBuilder::eth(CLIENT_MAC, LB_MAC).ipv4(CLIENT_V4, VIP_V4).udp(40000, 53).payload(&[0u8; 64]).build();
+    let udp = PacketBuilder::eth(CLIENT_MAC, LB_MAC)
+        .ipv4(CLIENT_V4, VIP_V4)
+        .udp(40000, 53)
+        .payload(&[0u8; 64])
+        .build();
     let non_vip = v4_tcp(CLIENT_V4, 40000, NOT_VIP_V4, 80, TcpFlags::ACK);
     let started = Instant::now();
     let mut fresh = 0u32;
     for _run in 0..args.runs {
-        let floor_prog: &Xdp = dp.ebpf_mut().program(PROG_BENCH_PASS).unwrap().try_into().unwrap();
+        let floor_prog: &Xdp = dp
+            .ebpf_mut()
+            .program(PROG_BENCH_PASS)
+            .unwrap()
+            .try_into()
+            .unwrap();
         let floor = time_calls(floor_prog, args.calls, &mut |_| est_v4.clone());
         classes[0].runs_ns.push(floor);
         let lb = dp.program().expect("xdp_lb");
@@ -147,23 +195,43 @@ fn main() {
             lb.test_run(o).expect("warm-up");
         }
         let base = fresh;
-        classes[1].runs_ns.push(time_calls(lb, args.calls, &mut |i| {
-            let (src, sport) = client_v4(base + i);
-            v4_tcp(src, sport, VIP_V4, 80, TcpFlags::SYN)
-        }));
-        classes[2].runs_ns.push(time_calls(lb, args.calls, &mut |_| est_v4.clone()));
-        classes[3].runs_ns.push(time_calls(lb, args.calls, &mut |_| udp.clone()));
-        classes[4].runs_ns.push(time_calls(lb, args.calls, &mut |i| {
-            let (src, sport) = client_v6(base + i);
-            v6_tcp(src, sport, VIP_V6, 80, TcpFlags::SYN)
-        }));
-        classes[5].runs_ns.push(time_calls(lb, args.calls, &mut |_| est_v6.clone()));
-        classes[6].runs_ns.push(time_calls(lb, args.calls, &mut |_| non_vip.clone()));
-        classes[7].runs_ns.push(time_calls(lb, args.calls, &mut |i| {
-            let (src, sport) = client_v4(base + i);
-            let quoted = PacketBuilder::new().ipv4(VIP_V4, src).tcp(80, sport, TcpFlags::ACK).build_ip_only();
-            PacketBuilder::eth(CLIENT_MAC, LB_MAC).ipv4(Ipv4Addr::new(198, 18, 3, 1), VIP_V4).icmp_frag_needed(1400, &quoted[..28]).build()
-        }));
+        classes[1]
+            .runs_ns
+            .push(time_calls(lb, args.calls, &mut |i| {
+                let (src, sport) = client_v4(base + i);
+                v4_tcp(src, sport, VIP_V4, 80, TcpFlags::SYN)
+            }));
+        classes[2]
+            .runs_ns
+            .push(time_calls(lb, args.calls, &mut |_| est_v4.clone()));
+        classes[3]
+            .runs_ns
+            .push(time_calls(lb, args.calls, &mut |_| udp.clone()));
+        classes[4]
+            .runs_ns
+            .push(time_calls(lb, args.calls, &mut |i| {
+                let (src, sport) = client_v6(base + i);
+                v6_tcp(src, sport, VIP_V6, 80, TcpFlags::SYN)
+            }));
+        classes[5]
+            .runs_ns
+            .push(time_calls(lb, args.calls, &mut |_| est_v6.clone()));
+        classes[6]
+            .runs_ns
+            .push(time_calls(lb, args.calls, &mut |_| non_vip.clone()));
+        classes[7]
+            .runs_ns
+            .push(time_calls(lb, args.calls, &mut |i| {
+                let (src, sport) = client_v4(base + i);
+                let quoted = PacketBuilder::new()
+                    .ipv4(VIP_V4, src)
+                    .tcp(80, sport, TcpFlags::ACK)
+                    .build_ip_only();
+                PacketBuilder::eth(CLIENT_MAC, LB_MAC)
+                    .ipv4(Ipv4Addr::new(198, 18, 3, 1), VIP_V4)
+                    .icmp_frag_needed(1400, &quoted[..28])
+                    .build()
+            }));
         fresh += args.calls;
     }
     let floor = median(&classes[0].runs_ns);
@@ -190,15 +258,31 @@ fn main() {
 
     let mut md = String::new();
     let _ = writeln!(md, "# Benchmark results\n");
-    let _ = writeln!(md, "Method: BPF_PROG_TEST_RUN, repeat 1, fresh packet per call, {} calls per run, median of {} runs (spread = min..max of run means). Ratio = class / floor.\n", args.calls, args.runs);
-    let _ = writeln!(md, "| class | ns/packet (median) | spread (ns) | ratio to floor | target | met |");
+    let _ = writeln!(
+        md,
+        "Method: BPF_PROG_TEST_RUN, repeat 1, fresh packet per call, {} calls per run, median of {} runs (spread = min..max of run means). Ratio = class / floor.\n",
+        args.calls, args.runs
+    );
+    let _ = writeln!(
+        md,
+        "| class | ns/packet (median) | spread (ns) | ratio to floor | target | met |"
+    );
     let _ = writeln!(md, "|---|---:|---|---:|---:|:-:|");
     let mut json_classes = Vec::new();
     for c in &classes {
         let m = median(&c.runs_ns);
         let ratio = m / floor;
-        let (lo, hi) = c.runs_ns.iter().fold((f64::MAX, 0f64), |(l, h), &v| (l.min(v), h.max(v)));
-        let met = c.target_ratio.map(|t| if c.lower_is_better { ratio <= t } else { ratio >= t });
+        let (lo, hi) = c
+            .runs_ns
+            .iter()
+            .fold((f64::MAX, 0f64), |(l, h), &v| (l.min(v), h.max(v)));
+        let met = c.target_ratio.map(|t| {
+            if c.lower_is_better {
+                ratio <= t
+            } else {
+                ratio >= t
+            }
+        });
         let _ = writeln!(
             md,
             "| {} | {m:.1} | {lo:.1}..{hi:.1} | {ratio:.2}× | {} | {} |",
@@ -211,9 +295,16 @@ fn main() {
             "target_ratio_max": c.target_ratio, "target_met": met,
         }));
     }
-    let _ = writeln!(md, "\n| Maglev build, 65537 slots | median ms | target |\n|---|---:|---:|");
+    let _ = writeln!(
+        md,
+        "\n| Maglev build, 65537 slots | median ms | target |\n|---|---:|---:|"
+    );
     for (n, m, _) in &maglev_rows {
-        let _ = writeln!(md, "| {n} backends | {m:.3} | {} |", if *n == 1000 { "< 5 ms" } else { "–" });
+        let _ = writeln!(
+            md,
+            "| {n} backends | {m:.3} | {} |",
+            if *n == 1000 { "< 5 ms" } else { "–" }
+        );
     }
     let json = serde_json::json!({
         "method": "BPF_PROG_TEST_RUN repeat=1, fresh packet per call; median of runs",
@@ -224,7 +315,11 @@ fn main() {
         "elapsed_s": started.elapsed().as_secs_f64(),
     });
     std::fs::create_dir_all(&args.out).expect("create results dir");
-    std::fs::write(args.out.join("results.json"), serde_json::to_string_pretty(&json).unwrap()).expect("write json");
+    std::fs::write(
+        args.out.join("results.json"),
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .expect("write json");
     std::fs::write(args.out.join("results.md"), &md).expect("write md");
     print!("{md}");
 }
