@@ -44,6 +44,10 @@ pub const PROG_DECAP: &str = "xdp_decap";
 pub const PROG_BENCH_PASS: &str = "bench_pass";
 /// Benchmark ceiling for live frames: MAC swap and XDP_TX.
 pub const PROG_BENCH_MACSWAP: &str = "bench_macswap";
+/// Live-frame benchmark sink: counts (in [`MAP_BENCH_COUNT`]) and drops.
+pub const PROG_BENCH_SINK: &str = "bench_sink";
+/// `PerCpuArray<u64, 1>`: frames seen by `bench_sink`.
+pub const MAP_BENCH_COUNT: &str = "BENCH_COUNT";
 
 // ---- capacities ----
 /// VIP ids are `0..MAX_VIPS`.

@@ -31,6 +31,14 @@ pub fn xdp_decap(ctx: XdpContext) -> u32 {
     decap::process(&ctx)
 }
 
+/// Live-frame benchmark sink: counts and drops what the program under test
+/// sent back.
+#[xdp]
+pub fn bench_sink(_ctx: XdpContext) -> u32 {
+    maps::count_bench();
+    aya_ebpf::bindings::xdp_action::XDP_DROP
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

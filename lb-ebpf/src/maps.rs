@@ -84,3 +84,16 @@ pub fn count_traffic<const N: usize>(
         }
     }
 }
+
+/// Frames seen by the live-frame benchmark sink (`bench_sink`).
+#[btf_map]
+pub static BENCH_COUNT: PerCpuArray<u64, 1> = PerCpuArray::new();
+
+/// Adds one to the benchmark sink counter.
+#[inline(always)]
+pub fn count_bench() {
+    if let Some(c) = BENCH_COUNT.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *c += 1 };
+    }
+}
