@@ -101,12 +101,20 @@ impl IdAllocator {
         Some((id, *generation))
     }
 
-    /// Releases every id not in `used` into quarantine, and frees what the
-    /// previous plan quarantined.
-    fn release_unused(&mut self, used_vips: &BTreeSet<u32>, used_backends: &BTreeSet<u32>) {
+    /// Frees the ids the previous plan quarantined. Called before a plan
+    /// allocates anything: the tables that still named those ids were
+    /// replaced when the previous plan was applied, so this plan may reuse
+    /// them (with a new generation).
+    fn end_quarantine(&mut self) {
         self.free_vip_ids.append(&mut self.quarantined_vip_ids);
         self.free_backend_ids
             .append(&mut self.quarantined_backend_ids);
+    }
+
+    /// Releases every id not in `used` into quarantine (after a plan has
+    /// allocated): the tables live while this plan is applied may still
+    /// name them.
+    fn release_unused(&mut self, used_vips: &BTreeSet<u32>, used_backends: &BTreeSet<u32>) {
         let q = &mut self.quarantined_vip_ids;
         self.vips
             .retain(|_, id| used_vips.contains(id) || !q.insert(*id));
@@ -226,6 +234,7 @@ fn global_config(spec: &DataplaneSpec) -> GlobalConfig {
 /// Plans the maps for `spec`, reusing the ids of `previous`.
 pub fn plan(spec: &DataplaneSpec, previous: &IdAllocator) -> Result<MapPlan, PlanError> {
     let mut alloc = previous.clone();
+    alloc.end_quarantine();
     let mut seen = BTreeSet::new();
     let mut vips = Vec::with_capacity(spec.vips.len());
     let mut backends = Vec::new();
@@ -388,4 +397,811 @@ fn fragment_aliases(vips: &[PlannedVip]) -> Vec<(VipKey, VipMeta)> {
             (key, meta)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::{BTreeMap, BTreeSet},
+        net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    };
+
+    use lb_common::{
+        BACKEND_F_ACTIVE, BACKEND_NONE, FAMILY_V4, FAMILY_V6, MAX_RING_SIZE, MAX_VIPS, PROTO_TCP,
+        PROTO_UDP, VIP_F_FRAG_ALIAS, VIP_F_IPIP, VIP_F_SRC_AFFINITY,
+    };
+
+    use super::{
+        IdAllocator, MapPlan, PlanError, PlannedBackend, PlannedVip, addr_words, plan, port_wire,
+    };
+    use crate::model::{
+        BackendSpec, BackendState, DataplaneSpec, ForwardingMode, HashMode, Ipv4Prefix, Ipv6Prefix,
+        MacAddr, Protocol, VipId, VipSpec,
+    };
+
+    /// Small prime table size so most tests stay fast.
+    const SMALL: u32 = 1009;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// An active DSR backend with a MAC derived from its address.
+    fn backend(addr: &str, weight: u32) -> BackendSpec {
+        let a = ip(addr);
+        let last = match a {
+            IpAddr::V4(a) => a.octets()[3],
+            IpAddr::V6(a) => a.octets()[15],
+        };
+        BackendSpec {
+            address: a,
+            weight,
+            mac: Some(MacAddr([2, 0, 0, 0, 0, last])),
+            state: BackendState::Active,
+        }
+    }
+
+    fn with_state(mut b: BackendSpec, state: BackendState) -> BackendSpec {
+        b.state = state;
+        b
+    }
+
+    fn vip(addr: &str, port: u16, protocol: Protocol, backends: Vec<BackendSpec>) -> VipSpec {
+        VipSpec {
+            address: ip(addr),
+            port,
+            protocol,
+            mode: ForwardingMode::Dsr,
+            hash: HashMode::FiveTuple,
+            table_size: SMALL,
+            backends,
+        }
+    }
+
+    fn spec(vips: Vec<VipSpec>) -> DataplaneSpec {
+        DataplaneSpec {
+            hash_seed: 0x5eed,
+            generation: 7,
+            vips,
+            ..DataplaneSpec::default()
+        }
+    }
+
+    /// VIP A (two backends) and VIP B (one IPv6 VIP with two backends).
+    fn two_vips() -> DataplaneSpec {
+        spec(vec![
+            vip(
+                "192.0.2.1",
+                80,
+                Protocol::Tcp,
+                vec![backend("10.0.0.1", 1), backend("10.0.0.2", 2)],
+            ),
+            vip(
+                "2001:db8::1",
+                443,
+                Protocol::Tcp,
+                vec![backend("2001:db8:1::1", 1), backend("2001:db8:1::2", 1)],
+            ),
+        ])
+    }
+
+    fn first(spec: &DataplaneSpec) -> MapPlan {
+        plan(spec, &IdAllocator::default()).expect("plan")
+    }
+
+    fn find_vip<'a>(p: &'a MapPlan, addr: &str, port: u16) -> &'a PlannedVip {
+        p.vips
+            .iter()
+            .find(|v| v.vip.address == ip(addr) && v.vip.port == port)
+            .expect("VIP in plan")
+    }
+
+    fn find_backend<'a>(p: &'a MapPlan, vip_port: u16, addr: &str) -> &'a PlannedBackend {
+        p.backends
+            .iter()
+            .find(|b| b.vip.port == vip_port && b.address == ip(addr))
+            .expect("backend in plan")
+    }
+
+    /// Backend ids (and generations) by (VIP, address).
+    fn backend_ids(p: &MapPlan) -> BTreeMap<(VipId, IpAddr), (u32, u32)> {
+        p.backends
+            .iter()
+            .map(|b| ((b.vip, b.address), (b.id, b.entry.generation)))
+            .collect()
+    }
+
+    fn vip_ids(p: &MapPlan) -> BTreeMap<VipId, u32> {
+        p.vips.iter().map(|v| (v.vip, v.meta.vip_id)).collect()
+    }
+
+    /// Slots per backend id.
+    fn slot_counts(ring: &[u32]) -> BTreeMap<u32, usize> {
+        let mut c = BTreeMap::new();
+        for &s in ring {
+            *c.entry(s).or_default() += 1;
+        }
+        c
+    }
+
+    // ---- ids ----
+
+    #[test]
+    fn replanning_the_same_spec_changes_nothing() {
+        let s = two_vips();
+        let p1 = first(&s);
+        let p2 = plan(&s, &p1.allocator).unwrap();
+        let p3 = plan(&s, &p2.allocator).unwrap();
+        // Ids, rings, digests, entries, aliases, global config and the id
+        // state itself are identical.
+        assert_eq!(p2, p1);
+        assert_eq!(p3, p1);
+        // Ids are dense and distinct from the start.
+        let ids: BTreeSet<u32> = p1.backends.iter().map(|b| b.id).collect();
+        assert_eq!(ids, (0..4).collect());
+        assert_eq!(
+            vip_ids(&p1).into_values().collect::<BTreeSet<_>>(),
+            (0..2).collect()
+        );
+    }
+
+    #[test]
+    fn adding_a_vip_or_a_backend_keeps_existing_ids() {
+        let s1 = two_vips();
+        let p1 = first(&s1);
+        let mut s2 = s1.clone();
+        // A new backend in VIP A, and a new VIP listed *first*.
+        s2.vips[0].backends.insert(0, backend("10.0.0.3", 5));
+        s2.vips.insert(
+            0,
+            vip("192.0.2.9", 25, Protocol::Tcp, vec![backend("10.0.9.1", 1)]),
+        );
+        let p2 = plan(&s2, &p1.allocator).unwrap();
+
+        let (before, after) = (backend_ids(&p1), backend_ids(&p2));
+        for (k, v) in &before {
+            assert_eq!(
+                after.get(k),
+                Some(v),
+                "backend {k:?} changed id or generation"
+            );
+        }
+        let (vb, va) = (vip_ids(&p1), vip_ids(&p2));
+        for (k, v) in &vb {
+            assert_eq!(va.get(k), Some(v), "VIP {k} changed id");
+        }
+        // The newcomers got fresh ids, distinct from every existing one.
+        let old: BTreeSet<u32> = before.values().map(|v| v.0).collect();
+        let new_ids: Vec<u32> = after
+            .iter()
+            .filter(|(k, _)| !before.contains_key(k))
+            .map(|(_, v)| v.0)
+            .collect();
+        assert_eq!(new_ids.len(), 2);
+        assert!(new_ids.iter().all(|id| !old.contains(id)), "{new_ids:?}");
+        assert_eq!(after.len(), new_ids.len() + before.len());
+        let new_vip = find_vip(&p2, "192.0.2.9", 25).meta.vip_id;
+        assert!(!vb.values().any(|&id| id == new_vip));
+        // The untouched VIP's ring is unchanged; the changed one refers to
+        // the new backend.
+        assert_eq!(
+            find_vip(&p2, "2001:db8::1", 443).ring,
+            find_vip(&p1, "2001:db8::1", 443).ring
+        );
+        let new_b = find_backend(&p2, 80, "10.0.0.3").id;
+        assert!(find_vip(&p2, "192.0.2.1", 80).ring.contains(&new_b));
+    }
+
+    #[test]
+    fn removed_backend_id_is_quarantined_for_one_plan_then_reused_with_new_generation() {
+        let vip_with = |addrs: &[&str]| {
+            spec(vec![vip(
+                "192.0.2.1",
+                80,
+                Protocol::Tcp,
+                addrs.iter().map(|a| backend(a, 1)).collect(),
+            )])
+        };
+        let p1 = first(&vip_with(&["10.0.0.1", "10.0.0.2"]));
+        let old = find_backend(&p1, 80, "10.0.0.1").clone();
+        assert_eq!((old.id, old.entry.generation), (0, 1));
+
+        // Plan 2 drops .1 and adds .3: the tables of plan 1, live while plan
+        // 2 is written, still name .1's id, so .3 must not get it.
+        let p2 = plan(&vip_with(&["10.0.0.2", "10.0.0.3"]), &p1.allocator).unwrap();
+        let b3 = find_backend(&p2, 80, "10.0.0.3");
+        assert_ne!(b3.id, old.id);
+        assert!(!p2.backends.iter().any(|b| b.id == old.id));
+        assert!(!find_vip(&p2, "192.0.2.1", 80).ring.contains(&old.id));
+
+        // Plan 3 adds .4: plan 1's tables are gone, the id may be reused;
+        // the generation differs, so connection entries of .1 miss.
+        let p3 = plan(
+            &vip_with(&["10.0.0.2", "10.0.0.3", "10.0.0.4"]),
+            &p2.allocator,
+        )
+        .unwrap();
+        let b4 = find_backend(&p3, 80, "10.0.0.4");
+        assert_eq!(b4.id, old.id, "quarantined id not reused after one plan");
+        assert_ne!(b4.entry.generation, old.entry.generation);
+        assert_eq!(b4.entry.generation, 2);
+        // The survivors keep theirs.
+        assert_eq!(
+            find_backend(&p3, 80, "10.0.0.2"),
+            find_backend(&p2, 80, "10.0.0.2")
+        );
+    }
+
+    #[test]
+    fn removed_vip_id_is_quarantined_for_one_plan() {
+        let a = vip("192.0.2.1", 80, Protocol::Tcp, vec![backend("10.0.0.1", 1)]);
+        let b = vip("192.0.2.2", 80, Protocol::Tcp, vec![backend("10.0.0.1", 1)]);
+        let c = vip("192.0.2.3", 80, Protocol::Tcp, vec![backend("10.0.0.1", 1)]);
+        let p1 = first(&spec(vec![a.clone()]));
+        let p2 = plan(&spec(vec![b.clone()]), &p1.allocator).unwrap();
+        assert_ne!(p2.vips[0].meta.vip_id, p1.vips[0].meta.vip_id);
+        let p3 = plan(&spec(vec![b, c]), &p2.allocator).unwrap();
+        assert_eq!(
+            find_vip(&p3, "192.0.2.3", 80).meta.vip_id,
+            p1.vips[0].meta.vip_id
+        );
+    }
+
+    #[test]
+    fn a_full_vip_table_accepts_a_replacement_after_removal() {
+        // 256 VIPs; remove one (applied); then add another: the freed id
+        // must be usable, not stuck in quarantine forever.
+        let vips: Vec<VipSpec> = (0..MAX_VIPS)
+            .map(|i| VipSpec {
+                table_size: 2,
+                ..vip("192.0.2.1", 1000 + i as u16, Protocol::Udp, vec![])
+            })
+            .collect();
+        let p1 = first(&spec(vips.clone()));
+        let p2 = plan(&spec(vips[1..].to_vec()), &p1.allocator).unwrap();
+        let mut replaced = vips[1..].to_vec();
+        replaced.push(VipSpec {
+            table_size: 2,
+            ..vip("192.0.2.2", 80, Protocol::Udp, vec![])
+        });
+        let p3 = plan(&spec(replaced), &p2.allocator).expect("the removed VIP's id is free again");
+        assert_eq!(
+            find_vip(&p3, "192.0.2.2", 80).meta.vip_id,
+            p1.vips[0].meta.vip_id
+        );
+    }
+
+    // ---- keys, flags, aliases ----
+
+    #[test]
+    fn vip_key_encoding_v4() {
+        let p = first(&spec(vec![vip(
+            "192.0.2.10",
+            8080,
+            Protocol::Tcp,
+            vec![backend("10.0.0.1", 1)],
+        )]));
+        let key = p.vips[0].key;
+        // Wire order: the words' native bytes are the packet's bytes.
+        assert_eq!(key.addr[0].to_ne_bytes(), [192, 0, 2, 10]);
+        assert_eq!(key.addr[1..], [0, 0, 0]);
+        assert_eq!(key.port.to_ne_bytes(), 8080u16.to_be_bytes());
+        assert_eq!(key.proto, PROTO_TCP);
+        assert_eq!(key.family, FAMILY_V4);
+        assert_eq!((key.addr, key.family), addr_words(ip("192.0.2.10")));
+        assert_eq!(key.port, port_wire(8080));
+    }
+
+    #[test]
+    fn vip_key_encoding_v6() {
+        let addr = "2001:db8:aa:bb:cc:dd:ee:ff";
+        let p = first(&spec(vec![vip(
+            addr,
+            443,
+            Protocol::Udp,
+            vec![backend("2001:db8::1", 1)],
+        )]));
+        let key = p.vips[0].key;
+        let bytes: Vec<u8> = key.addr.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        assert_eq!(bytes, addr.parse::<Ipv6Addr>().unwrap().octets());
+        assert_eq!(key.port.to_ne_bytes(), [0x01, 0xbb]);
+        assert_eq!(key.proto, PROTO_UDP);
+        assert_eq!(key.family, FAMILY_V6);
+        assert_eq!((key.addr, key.family), addr_words(ip(addr)));
+        assert_eq!(key.port, port_wire(443));
+        // The backend entry uses the same encoding.
+        let b = &p.backends[0].entry;
+        assert_eq!((b.addr, b.family), addr_words(ip("2001:db8::1")));
+    }
+
+    #[test]
+    fn fragment_aliases_one_per_address_and_protocol() {
+        let b = || vec![backend("10.0.0.1", 1)];
+        let s = spec(vec![
+            vip("192.0.2.1", 443, Protocol::Tcp, b()),
+            VipSpec {
+                table_size: 101,
+                ..vip("192.0.2.1", 80, Protocol::Tcp, b())
+            },
+            vip("192.0.2.1", 8080, Protocol::Tcp, b()),
+            VipSpec {
+                hash: HashMode::SourceAddress,
+                ..vip("192.0.2.1", 53, Protocol::Udp, b())
+            },
+            vip("192.0.2.1", 5353, Protocol::Udp, b()),
+            vip("192.0.2.2", 80, Protocol::Tcp, b()),
+            vip(
+                "2001:db8::1",
+                443,
+                Protocol::Tcp,
+                vec![backend("2001:db8:1::1", 1)],
+            ),
+        ]);
+        let p = first(&s);
+        assert_eq!(p.aliases.len(), 4, "{:?}", p.aliases);
+        let expect = [
+            ("192.0.2.1", 80),
+            ("192.0.2.1", 53),
+            ("192.0.2.2", 80),
+            ("2001:db8::1", 443),
+        ];
+        for (addr, port) in expect {
+            let target = find_vip(&p, addr, port);
+            let (key, meta) = p
+                .aliases
+                .iter()
+                .find(|(k, _)| k.addr == target.key.addr && k.proto == target.key.proto)
+                .unwrap_or_else(|| panic!("no alias for {addr}/{}", target.vip.protocol));
+            assert_eq!(key.port, 0);
+            assert_eq!(key.family, target.key.family);
+            assert_ne!(meta.flags & VIP_F_FRAG_ALIAS, 0);
+            assert_eq!(meta.flags, target.meta.flags | VIP_F_FRAG_ALIAS);
+            assert_eq!(meta.vip_id, target.meta.vip_id);
+            assert_eq!(meta.ring_size, target.meta.ring_size);
+        }
+        assert_eq!(find_vip(&p, "192.0.2.1", 80).meta.ring_size, 101);
+        // Real VIPs never carry the alias flag and never use port 0.
+        assert!(
+            p.vips
+                .iter()
+                .all(|v| v.meta.flags & VIP_F_FRAG_ALIAS == 0 && v.key.port != 0)
+        );
+        // The lowest port wins whatever the config order.
+        let mut reversed = s.clone();
+        reversed.vips.reverse();
+        let q = first(&reversed);
+        for (key, meta) in &q.aliases {
+            let target = q
+                .vips
+                .iter()
+                .find(|v| v.meta.vip_id == meta.vip_id)
+                .unwrap();
+            let lowest = q
+                .vips
+                .iter()
+                .filter(|v| v.key.addr == key.addr && v.key.proto == key.proto)
+                .map(|v| v.vip.port)
+                .min();
+            assert_eq!(Some(target.vip.port), lowest);
+        }
+    }
+
+    #[test]
+    fn vip_flags_follow_mode_and_hash() {
+        let b = || vec![backend("10.0.0.1", 1)];
+        let s = spec(vec![
+            vip("192.0.2.1", 1, Protocol::Tcp, b()),
+            VipSpec {
+                mode: ForwardingMode::Ipip,
+                ..vip("192.0.2.1", 2, Protocol::Tcp, b())
+            },
+            VipSpec {
+                hash: HashMode::SourceAddress,
+                ..vip("192.0.2.1", 3, Protocol::Tcp, b())
+            },
+            VipSpec {
+                mode: ForwardingMode::Ipip,
+                hash: HashMode::SourceAddress,
+                ..vip("192.0.2.1", 4, Protocol::Tcp, b())
+            },
+        ]);
+        let p = first(&s);
+        let flags: Vec<u32> = (1..=4)
+            .map(|port| find_vip(&p, "192.0.2.1", port).meta.flags)
+            .collect();
+        assert_eq!(
+            flags,
+            [
+                0,
+                VIP_F_IPIP,
+                VIP_F_SRC_AFFINITY,
+                VIP_F_IPIP | VIP_F_SRC_AFFINITY
+            ]
+        );
+    }
+
+    // ---- backends and rings ----
+
+    #[test]
+    fn drain_and_down_backends() {
+        let s = spec(vec![vip(
+            "192.0.2.1",
+            80,
+            Protocol::Tcp,
+            vec![
+                backend("10.0.0.1", 1),
+                with_state(backend("10.0.0.2", 5), BackendState::Drain),
+                BackendSpec {
+                    mac: None,
+                    ..with_state(backend("10.0.0.3", 5), BackendState::Down)
+                },
+            ],
+        )]);
+        let p = first(&s);
+        let ring = &find_vip(&p, "192.0.2.1", 80).ring;
+        let (active, drain, down) = (
+            find_backend(&p, 80, "10.0.0.1"),
+            find_backend(&p, 80, "10.0.0.2"),
+            find_backend(&p, 80, "10.0.0.3"),
+        );
+        // Only the active backend is in the table.
+        assert!(ring.iter().all(|&s| s == active.id));
+        // Drain keeps its established flows: the entry stays active.
+        assert_eq!(drain.entry.flags, BACKEND_F_ACTIVE);
+        assert_eq!(drain.state, BackendState::Drain);
+        assert_eq!(drain.weight, 5, "the configured weight is reported");
+        assert_eq!(drain.entry.mac, [2, 0, 0, 0, 0, 2]);
+        // Down receives nothing: not in the table, entry inactive.
+        assert_eq!(down.entry.flags, 0);
+        assert_eq!(active.entry.flags, BACKEND_F_ACTIVE);
+        // Every backend entry names its VIP.
+        let vip_id = p.vips[0].meta.vip_id;
+        assert!(p.backends.iter().all(|b| b.entry.vip_id == vip_id));
+
+        // No active backend at all: every slot is BACKEND_NONE.
+        let mut all_out = s.clone();
+        all_out.vips[0].backends[0].state = BackendState::Drain;
+        let p = first(&all_out);
+        assert!(p.vips[0].ring.iter().all(|&s| s == BACKEND_NONE));
+        assert_eq!(p.vips[0].ring.len(), SMALL as usize);
+    }
+
+    #[test]
+    fn ring_holds_active_backends_in_weight_proportion() {
+        let weights = [1u32, 2, 3, 10, 7];
+        let mut backends: Vec<BackendSpec> = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| backend(&format!("10.0.1.{}", i + 1), w))
+            .collect();
+        backends.push(with_state(backend("10.0.1.100", 50), BackendState::Drain));
+        backends.push(with_state(backend("10.0.1.101", 50), BackendState::Down));
+        let v = VipSpec {
+            table_size: 65537,
+            ..vip("192.0.2.1", 80, Protocol::Tcp, backends)
+        };
+        let p = first(&spec(vec![v]));
+        let planned = &p.vips[0];
+        assert_eq!(planned.ring.len(), 65537);
+        assert_eq!(planned.meta.ring_size, 65537);
+        assert_eq!(
+            planned.ring_digest,
+            crate::maglev::table_digest(&planned.ring)
+        );
+        let counts = slot_counts(&planned.ring);
+        let active: BTreeMap<u32, u32> = p
+            .backends
+            .iter()
+            .filter(|b| b.state == BackendState::Active)
+            .map(|b| (b.id, b.weight))
+            .collect();
+        // Every slot is an active backend of this VIP.
+        assert!(
+            counts.keys().all(|id| active.contains_key(id)),
+            "{counts:?}"
+        );
+        let total: u32 = weights.iter().sum();
+        for (id, w) in &active {
+            let share = counts.get(id).copied().unwrap_or(0) as f64 / 65537.0;
+            let want = f64::from(*w) / f64::from(total);
+            assert!(
+                (share - want).abs() <= 0.01 * want,
+                "id {id} weight {w}: share {share}, want {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn rings_resolve_to_the_same_backends_whatever_the_config_order() {
+        // Two nodes, same config, backends listed in different orders (so
+        // possibly other ids): each slot must lead to the same address.
+        let backends: Vec<BackendSpec> = (1..=6)
+            .map(|i| backend(&format!("10.0.2.{i}"), i))
+            .collect();
+        let mut reversed = backends.clone();
+        reversed.reverse();
+        let a = first(&spec(vec![vip("192.0.2.1", 80, Protocol::Tcp, backends)]));
+        let b = first(&spec(vec![vip("192.0.2.1", 80, Protocol::Tcp, reversed)]));
+        let addr_of = |p: &MapPlan| -> BTreeMap<u32, IpAddr> {
+            p.backends.iter().map(|b| (b.id, b.address)).collect()
+        };
+        let (ma, mb) = (addr_of(&a), addr_of(&b));
+        let ra: Vec<IpAddr> = a.vips[0].ring.iter().map(|id| ma[id]).collect();
+        let rb: Vec<IpAddr> = b.vips[0].ring.iter().map(|id| mb[id]).collect();
+        assert_eq!(ra, rb);
+    }
+
+    // ---- errors ----
+
+    #[test]
+    fn errors() {
+        let ok = || vip("192.0.2.1", 80, Protocol::Tcp, vec![backend("10.0.0.1", 1)]);
+        let err = |vips: Vec<VipSpec>| plan(&spec(vips), &IdAllocator::default()).unwrap_err();
+
+        assert!(matches!(
+            err(vec![ok(), ok()]),
+            PlanError::DuplicateVip { .. }
+        ));
+        // Same address and port, other protocol: not a duplicate.
+        assert!(
+            plan(
+                &spec(vec![
+                    ok(),
+                    VipSpec {
+                        protocol: Protocol::Udp,
+                        ..ok()
+                    }
+                ]),
+                &IdAllocator::default()
+            )
+            .is_ok()
+        );
+
+        assert!(matches!(
+            err(vec![VipSpec { port: 0, ..ok() }]),
+            PlanError::PortZero { .. }
+        ));
+
+        let mismatch = VipSpec {
+            mode: ForwardingMode::Ipip,
+            backends: vec![backend("10.0.0.1", 1), backend("2001:db8::5", 1)],
+            ..ok()
+        };
+        assert!(matches!(
+            err(vec![mismatch]),
+            PlanError::FamilyMismatch { backend, .. } if backend == ip("2001:db8::5")
+        ));
+        // ipip needs no MAC; dsr with mixed families is not an ipip error.
+        let ipip = VipSpec {
+            mode: ForwardingMode::Ipip,
+            backends: vec![BackendSpec {
+                mac: None,
+                ..backend("10.0.0.1", 1)
+            }],
+            ..ok()
+        };
+        assert!(plan(&spec(vec![ipip]), &IdAllocator::default()).is_ok());
+
+        let no_mac = |state| VipSpec {
+            backends: vec![
+                backend("10.0.0.1", 1),
+                BackendSpec {
+                    mac: None,
+                    state,
+                    ..backend("10.0.0.2", 1)
+                },
+            ],
+            ..ok()
+        };
+        assert!(matches!(
+            err(vec![no_mac(BackendState::Active)]),
+            PlanError::MissingMac { backend, .. } if backend == ip("10.0.0.2")
+        ));
+        assert!(matches!(
+            err(vec![no_mac(BackendState::Drain)]),
+            PlanError::MissingMac { .. }
+        ));
+        assert!(
+            plan(
+                &spec(vec![no_mac(BackendState::Down)]),
+                &IdAllocator::default()
+            )
+            .is_ok()
+        );
+
+        // 65539 is the next prime above the maximum.
+        assert!(matches!(
+            err(vec![VipSpec {
+                table_size: MAX_RING_SIZE + 2,
+                ..ok()
+            }]),
+            PlanError::TableTooLarge {
+                size: 65539,
+                max: MAX_RING_SIZE,
+                ..
+            }
+        ));
+        assert!(
+            plan(
+                &spec(vec![VipSpec {
+                    table_size: MAX_RING_SIZE,
+                    ..ok()
+                }]),
+                &IdAllocator::default()
+            )
+            .is_ok()
+        );
+        assert!(matches!(
+            err(vec![VipSpec {
+                table_size: 1000,
+                ..ok()
+            }]),
+            PlanError::Maglev { .. }
+        ));
+        // A backend listed twice.
+        let twice = VipSpec {
+            backends: vec![backend("10.0.0.1", 1), backend("10.0.0.1", 2)],
+            ..ok()
+        };
+        assert!(matches!(err(vec![twice]), PlanError::Maglev { .. }));
+    }
+
+    #[test]
+    fn too_many_vips() {
+        let many = |n: u32| -> Vec<VipSpec> {
+            (0..n)
+                .map(|i| VipSpec {
+                    table_size: 2,
+                    ..vip("192.0.2.1", 1 + i as u16, Protocol::Tcp, vec![])
+                })
+                .collect()
+        };
+        let p = first(&spec(many(MAX_VIPS)));
+        assert_eq!(p.vips.len(), MAX_VIPS as usize);
+        let e = plan(&spec(many(MAX_VIPS + 1)), &IdAllocator::default()).unwrap_err();
+        assert!(
+            matches!(e, PlanError::TooManyVips { vip, max: MAX_VIPS } if vip.port == 1 + MAX_VIPS as u16),
+            "{e:?}"
+        );
+    }
+
+    // ---- global config ----
+
+    /// The outer source the data path derives from a flow hash `h`.
+    fn outer_v4(g: &lb_common::GlobalConfig, h: u32) -> Ipv4Addr {
+        Ipv4Addr::from(
+            ((g.ipip_src_v4 & !g.ipip_src_v4_mask) | (h & g.ipip_src_v4_mask)).to_ne_bytes(),
+        )
+    }
+
+    fn outer_v6(g: &lb_common::GlobalConfig, h: u32) -> Ipv6Addr {
+        let mut w = g.ipip_src_v6;
+        w[3] = (w[3] & !g.ipip_src_v6_mask) | (h & g.ipip_src_v6_mask);
+        let bytes: Vec<u8> = w.iter().flat_map(|x| x.to_ne_bytes()).collect();
+        Ipv6Addr::from(<[u8; 16]>::try_from(bytes).unwrap())
+    }
+
+    /// Hash values to try: spread over all bits.
+    fn hashes() -> impl Iterator<Item = u32> {
+        (0..4096u32).map(|i| i.wrapping_mul(0x9e37_79b9) ^ (i << 7))
+    }
+
+    #[test]
+    fn global_config_copies_seed_and_generation() {
+        let mut s = two_vips();
+        s.hash_seed = 0xfeed_f00d;
+        s.generation = 0x1_0000_0042;
+        let g = first(&s).global;
+        assert_eq!(g.hash_seed, 0xfeed_f00d);
+        assert_eq!(g.config_generation, 0x1_0000_0042);
+        // No prefixes configured: nothing set.
+        assert_eq!(
+            (
+                g.ipip_src_v4,
+                g.ipip_src_v4_mask,
+                g.ipip_src_v6,
+                g.ipip_src_v6_mask
+            ),
+            (0, 0, [0; 4], 0)
+        );
+    }
+
+    #[test]
+    fn ipip_source_v4_prefix_and_mask() {
+        let mut s = two_vips();
+        for (prefix, len, fixed_octets) in [
+            ([198, 19, 255, 0], 24, 3),
+            ([198, 19, 255, 77], 24, 3), // host bits in the config are ignored
+            ([10, 20, 0, 0], 16, 2),
+            ([203, 0, 113, 9], 32, 4),
+        ] {
+            s.ipip_source_v4 = Some(Ipv4Prefix {
+                addr: Ipv4Addr::from(prefix),
+                len,
+            });
+            let g = first(&s).global;
+            assert_eq!(
+                g.ipip_src_v4.to_ne_bytes(),
+                prefix,
+                "prefix is in wire order"
+            );
+            let mut mask_bytes = [0u8; 4];
+            mask_bytes[fixed_octets..].fill(0xff);
+            assert_eq!(g.ipip_src_v4_mask.to_ne_bytes(), mask_bytes, "/{len}");
+            let mut varied = BTreeSet::new();
+            for h in hashes() {
+                let o = outer_v4(&g, h).octets();
+                assert_eq!(
+                    o[..fixed_octets],
+                    prefix[..fixed_octets],
+                    "/{len}, h {h:#x}"
+                );
+                // The host bits come straight from the hash's wire bytes.
+                assert_eq!(o[fixed_octets..], h.to_ne_bytes()[fixed_octets..]);
+                varied.insert(o);
+            }
+            let expected = if len == 32 {
+                1
+            } else {
+                256.min(1 << (32 - len))
+            };
+            assert!(
+                varied.len() >= expected,
+                "/{len}: only {} sources",
+                varied.len()
+            );
+        }
+        // 198.19.255.0/24 really yields 198.19.255.x.
+        s.ipip_source_v4 = Some(Ipv4Prefix {
+            addr: Ipv4Addr::new(198, 19, 255, 0),
+            len: 24,
+        });
+        let g = first(&s).global;
+        assert_eq!(
+            outer_v4(&g, u32::from_ne_bytes([1, 2, 3, 42])),
+            Ipv4Addr::new(198, 19, 255, 42)
+        );
+        assert_eq!(
+            outer_v4(&g, u32::from_ne_bytes([0xff, 0xff, 0xff, 7])),
+            Ipv4Addr::new(198, 19, 255, 7)
+        );
+    }
+
+    #[test]
+    fn ipip_source_v6_prefix_and_mask() {
+        let mut s = two_vips();
+        let base: Ipv6Addr = "2001:db8:ffff:1::".parse().unwrap();
+        // (len, fixed bytes); lengths below 96 are treated as /96.
+        for (len, fixed) in [(96u8, 12usize), (112, 14), (120, 15), (128, 16), (64, 12)] {
+            s.ipip_source_v6 = Some(Ipv6Prefix { addr: base, len });
+            let g = first(&s).global;
+            assert_eq!(g.ipip_src_v6, addr_words(IpAddr::V6(base)).0);
+            let mut mask_bytes = [0u8; 4];
+            mask_bytes[fixed - 12..].fill(0xff);
+            assert_eq!(g.ipip_src_v6_mask.to_ne_bytes(), mask_bytes, "/{len}");
+            let mut varied = BTreeSet::new();
+            for h in hashes() {
+                let o = outer_v6(&g, h).octets();
+                assert_eq!(o[..fixed], base.octets()[..fixed], "/{len}, h {h:#x}");
+                assert_eq!(o[fixed..], h.to_ne_bytes()[fixed - 12..]);
+                varied.insert(o);
+            }
+            // A /128 has one source; any shorter prefix at least 256.
+            let expected = if fixed == 16 { 1 } else { 256 };
+            assert!(
+                varied.len() >= expected,
+                "/{len}: only {} sources",
+                varied.len()
+            );
+        }
+        s.ipip_source_v6 = Some(Ipv6Prefix {
+            addr: "2001:db8::".parse().unwrap(),
+            len: 96,
+        });
+        let g = first(&s).global;
+        assert_eq!(
+            outer_v6(&g, u32::from_ne_bytes([0xc0, 0, 2, 1])),
+            "2001:db8::c000:201".parse::<Ipv6Addr>().unwrap()
+        );
+    }
 }
