@@ -9,9 +9,9 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_F_ACTIVE, Backend, FAMILY_V4, FAMILY_V6, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE,
-    MAX_VIPS, VIP_F_FRAG_ALIAS, VIP_F_IPIP, VIP_F_SRC_AFFINITY, VIP_FILTER_WORDS, VipKey, VipMeta,
-    vip_filter_bit,
+    BACKEND_F_ACTIVE, BACKEND_NONE, Backend, FAMILY_V4, FAMILY_V6, GlobalConfig, MAX_BACKENDS,
+    MAX_RING_SIZE, MAX_VIPS, VIP_F_FRAG_ALIAS, VIP_F_IPIP, VIP_F_SRC_AFFINITY, VIP_FILTER_WORDS,
+    VipKey, VipMeta, vip_filter_bit,
 };
 use serde::{Deserialize, Serialize};
 
@@ -142,8 +142,13 @@ pub struct PlannedVip {
     pub meta: VipMeta,
     /// Lookup table: `meta.ring_size` backend ids (or `BACKEND_NONE`).
     pub ring: Vec<u32>,
-    /// [`maglev::table_digest`] of `ring`, comparable across nodes.
+    /// [`maglev::table_digest`] of `ring` (backend ids): detects a change
+    /// of the table this node must write.
     pub ring_digest: u64,
+    /// Digest of the table by backend *address* (ids differ between nodes
+    /// with different histories): equal on every node with the same config
+    /// and seed, for comparing nodes of a fleet.
+    pub fleet_digest: u64,
 }
 
 /// One backend of one VIP.
@@ -284,6 +289,7 @@ fn plan_vip(
             vip: id,
             max: MAX_VIPS,
         })?;
+    let first_backend = backends.len();
     let mut maglev_input = Vec::with_capacity(vip.backends.len());
     for b in &vip.backends {
         let (addr, family) = addr_words(b.address);
@@ -362,8 +368,28 @@ fn plan_vip(
             _pad: 0,
         },
         ring_digest: maglev::table_digest(&ring),
+        fleet_digest: fleet_digest(&ring, &backends[first_backend..]),
         ring,
     })
+}
+
+/// The table in terms of backend addresses: each slot becomes the rank of
+/// its backend's address among the VIP's backends, then the ranks and the
+/// sorted addresses are hashed together.
+fn fleet_digest(ring: &[u32], backends: &[PlannedBackend]) -> u64 {
+    let mut by_addr: Vec<(IpAddr, u32)> = backends.iter().map(|b| (b.address, b.id)).collect();
+    by_addr.sort_unstable();
+    let rank: BTreeMap<u32, u32> = by_addr
+        .iter()
+        .enumerate()
+        .map(|(i, &(_, id))| (id, i as u32))
+        .collect();
+    let ranks: Vec<u32> = ring
+        .iter()
+        .map(|id| rank.get(id).copied().unwrap_or(BACKEND_NONE))
+        .collect();
+    let addrs: Vec<u32> = by_addr.iter().flat_map(|&(a, _)| addr_words(a).0).collect();
+    maglev::table_digest(&ranks) ^ maglev::table_digest(&addrs).rotate_left(1)
 }
 
 fn vip_filter(vips: &[PlannedVip]) -> Vec<u64> {
@@ -1203,5 +1229,59 @@ mod tests {
             outer_v6(&g, u32::from_ne_bytes([0xc0, 0, 2, 1])),
             "2001:db8::c000:201".parse::<Ipv6Addr>().unwrap()
         );
+    }
+
+    #[test]
+    fn fleet_digest_is_equal_across_nodes_with_different_id_histories() {
+        use crate::model::{BackendSpec, MacAddr, Protocol, VipSpec};
+        let backend = |i: u8| BackendSpec {
+            address: IpAddr::V4(std::net::Ipv4Addr::new(198, 18, 2, i)),
+            weight: 10,
+            mac: Some(MacAddr([2, 0, 0, 0, 0, i])),
+            state: BackendState::Active,
+        };
+        let vip = |backends: Vec<BackendSpec>| VipSpec {
+            address: IpAddr::V4(std::net::Ipv4Addr::new(198, 18, 0, 10)),
+            port: 80,
+            protocol: Protocol::Tcp,
+            mode: ForwardingMode::Dsr,
+            hash: HashMode::FiveTuple,
+            table_size: 65537,
+            backends,
+        };
+        let spec = |backends| DataplaneSpec {
+            hash_seed: 7,
+            vips: vec![vip(backends)],
+            ..DataplaneSpec::default()
+        };
+        // Node A was configured with backends 1..=3 directly; node B first had
+        // 9 and 8, which took the low ids, then the same final config.
+        let a = plan(
+            &spec(vec![backend(1), backend(2), backend(3)]),
+            &IdAllocator::default(),
+        )
+        .unwrap();
+        let b0 = plan(&spec(vec![backend(9), backend(8)]), &IdAllocator::default()).unwrap();
+        let b1 = plan(
+            &spec(vec![backend(3), backend(2), backend(1)]),
+            &b0.allocator,
+        )
+        .unwrap();
+        let b = plan(
+            &spec(vec![backend(3), backend(2), backend(1)]),
+            &b1.allocator,
+        )
+        .unwrap();
+        assert_ne!(
+            a.vips[0].ring, b.vips[0].ring,
+            "ids differ between the nodes"
+        );
+        assert_eq!(a.vips[0].fleet_digest, b.vips[0].fleet_digest);
+        let c = plan(
+            &spec(vec![backend(1), backend(2), backend(4)]),
+            &IdAllocator::default(),
+        )
+        .unwrap();
+        assert_ne!(a.vips[0].fleet_digest, c.vips[0].fleet_digest);
     }
 }
