@@ -1,4 +1,5 @@
 //! Test support: packet builders, netns guards.
 
+pub mod netns;
 pub mod packet;
 pub mod scenario;
