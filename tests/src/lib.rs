@@ -1,5 +1,6 @@
 //! Test support: packet builders, netns guards.
 
+pub mod lab;
 pub mod netns;
 pub mod packet;
 pub mod scenario;
