@@ -73,6 +73,8 @@ counters! {
     STAT_ERR_IPV4_TRUNC = "err_ipv4_truncated",
     /// Parse error: IPv4 IHL < 5, version not 4, or total length invalid.
     STAT_ERR_IPV4_BAD = "err_ipv4_bad_header",
+    /// Parse error: IPv6 EtherType with a version other than 6.
+    STAT_ERR_IPV6_BAD = "err_ipv6_bad_header",
     /// Parse error: IPv6 header or extension header truncated.
     STAT_ERR_IPV6_TRUNC = "err_ipv6_truncated",
     /// Parse error: more IPv6 extension headers than the parser follows.

@@ -1,7 +1,7 @@
 //! The load balancer's decision for one packet: parse, find the VIP, choose
 //! the backend, forward.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
     FAMILY_V4, FlowKey, GlobalConfig, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
     STAT_DROP_MALFORMED_L4, STAT_DROP_NO_CONFIG, STAT_ERR_ICMP_INNER, STAT_ERR_L4_TRUNC,
@@ -11,7 +11,7 @@ use lb_common::{
 
 use crate::{
     forward,
-    maps::{BACKEND_STATS, CONFIG, VIP_FILTER, VIPS, count, count_traffic},
+    maps::{BACKEND_STATS, CONFIG, VIP_FILTER, VIP_STATS, VIPS, count, count_traffic},
     outcome::Outcome,
     parse::{
         ETH_P_IP, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, L2, L3, parse_ipv4, parse_ipv6, parse_l2, ptr_at,
@@ -234,12 +234,16 @@ fn forward(
     key: &FlowKey,
     cfg: &GlobalConfig,
 ) -> Outcome {
+    // Counted before forwarding changes the frame, credited only if sent.
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    crate::maps::count_traffic(&crate::maps::VIP_STATS, meta.vip_id, bytes, chosen.new_flow);
-    count_traffic(&BACKEND_STATS, chosen.id, bytes, chosen.new_flow);
-    if meta.flags & VIP_F_IPIP != 0 {
+    let outcome = if meta.flags & VIP_F_IPIP != 0 {
         forward::ipip(ctx, l2.l3_off, l3, &chosen.backend, key, cfg)
     } else {
         forward::dsr(ctx, &chosen.backend)
+    };
+    if outcome.action != xdp_action::XDP_DROP {
+        count_traffic(&VIP_STATS, meta.vip_id, bytes, chosen.new_flow);
+        count_traffic(&BACKEND_STATS, chosen.id, bytes, chosen.new_flow);
     }
+    outcome
 }

@@ -7,8 +7,9 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    FAMILY_V4, FAMILY_V6, STAT_ERR_IPV4_BAD, STAT_ERR_IPV4_TRUNC, STAT_ERR_IPV6_EXT_LIMIT,
-    STAT_ERR_IPV6_TRUNC, STAT_ERR_L2_TRUNC, STAT_PASS_MALFORMED, STAT_PASS_NON_IP, STAT_VLAN,
+    FAMILY_V4, FAMILY_V6, STAT_ERR_IPV4_BAD, STAT_ERR_IPV4_TRUNC, STAT_ERR_IPV6_BAD,
+    STAT_ERR_IPV6_EXT_LIMIT, STAT_ERR_IPV6_TRUNC, STAT_ERR_L2_TRUNC, STAT_PASS_MALFORMED,
+    STAT_PASS_NON_IP, STAT_VLAN,
 };
 
 use crate::{maps::count, outcome::Outcome};
@@ -162,6 +163,10 @@ pub fn parse_ipv6(ctx: &XdpContext, l3_off: usize) -> Result<L3, Outcome> {
     let ip = ptr_at::<Ipv6Hdr>(ctx, l3_off).ok_or_else(|| malformed(STAT_ERR_IPV6_TRUNC))?;
     // SAFETY: bounds checked by ptr_at.
     let ip = unsafe { &*ip };
+    let vtc = u32::from_be(ip.vtc_flow);
+    if vtc >> 28 != 6 {
+        return Err(malformed(STAT_ERR_IPV6_BAD));
+    }
     let mut nexthdr = ip.nexthdr;
     let mut off = l3_off + IPV6_HLEN;
     let mut fragment = false;
@@ -172,8 +177,11 @@ pub fn parse_ipv6(ctx: &XdpContext, l3_off: usize) -> Result<L3, Outcome> {
                 let hdr =
                     ptr_at::<[u8; 8]>(ctx, off).ok_or_else(|| malformed(STAT_ERR_IPV6_TRUNC))?;
                 // SAFETY: bounds checked by ptr_at.
-                nexthdr = unsafe { (*hdr)[0] };
-                fragment = true;
+                let (next, off_hi, off_lo) = unsafe { ((*hdr)[0], (*hdr)[2], (*hdr)[3]) };
+                nexthdr = next;
+                // Offset (13 bits) or M flag set. An "atomic fragment"
+                // (offset 0, M clear) is a whole packet (RFC 6946).
+                fragment = u16::from_be_bytes([off_hi, off_lo]) & 0xfff9 != 0;
                 off += 8;
             }
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
@@ -193,7 +201,6 @@ pub fn parse_ipv6(ctx: &XdpContext, l3_off: usize) -> Result<L3, Outcome> {
     ) {
         return Err(malformed(STAT_ERR_IPV6_EXT_LIMIT));
     }
-    let vtc = u32::from_be(ip.vtc_flow);
     Ok(L3 {
         family: FAMILY_V6,
         proto: nexthdr,
