@@ -12,11 +12,11 @@ use lb_common::{DECAP_DROP_MALFORMED, DECAP_PASS, DECAP_V4, DECAP_V6};
 
 use crate::{
     maps::DECAP_STATS,
-    parse::{ETH_P_IP, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, parse_l2, ptr_at},
+    parse::{
+        ETH_P_IP, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, parse_l2,
+        ptr_at,
+    },
 };
-
-const IPPROTO_IPIP: u8 = 4;
-const IPPROTO_IPV6: u8 = 41;
 
 #[inline(always)]
 fn count(stat: u32) {

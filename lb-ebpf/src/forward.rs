@@ -15,13 +15,11 @@ use lb_common::{
 use crate::{
     maps::TX_PORTS,
     outcome::Outcome,
-    parse::{IPV4_HLEN, IPV6_HLEN, L3, ptr_at},
+    parse::{IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HLEN, IPV6_HLEN, L3, ptr_at},
 };
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
-const IPPROTO_IPIP: u8 = 4;
-const IPPROTO_IPV6: u8 = 41;
 const OUTER_TTL: u8 = 64;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 

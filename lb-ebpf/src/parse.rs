@@ -22,6 +22,9 @@ pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_8021AD: u16 = 0x88A8;
 pub const IPV4_HLEN: usize = 20;
 pub const IPV6_HLEN: usize = 40;
+/// IP protocol numbers of IPv4-in-IPv4 and IPv6-in-IPv6.
+pub const IPPROTO_IPIP: u8 = 4;
+pub const IPPROTO_IPV6: u8 = 41;
 
 /// IPv6 extension headers skipped before the transport header.
 const NEXTHDR_HOP: u8 = 0;

@@ -104,43 +104,34 @@ fn sum(values: &PerCpuValues<TrafficCounters>) -> TrafficCounters {
         })
 }
 
-/// The load balancer's program and maps in the kernel.
-pub struct Datapath {
+/// One loaded program of the object, with the object's maps and the links
+/// it was attached by. `Datapath` and `Decap` are thin roles over this.
+struct Loaded {
     ebpf: Ebpf,
-    applied: Option<MapPlan>,
+    name: &'static str,
     links: Vec<XdpLinkId>,
 }
 
-impl Datapath {
-    /// Loads the embedded object and the `xdp_lb` program (not attached).
-    pub fn load(opts: LoadOptions) -> Result<Self, DatapathError> {
+impl Loaded {
+    fn load(name: &'static str, conn_table_capacity: u32) -> Result<Self, DatapathError> {
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(MAP_CONN_TABLE, opts.conn_table_capacity)
+            .map_max_entries(MAP_CONN_TABLE, conn_table_capacity)
             .load(crate::EBPF_OBJECT)?;
-        let prog = program(&mut ebpf, PROG_LB)?;
-        prog.load().map_err(|source| DatapathError::Program {
-            name: PROG_LB,
-            source,
-        })?;
+        program(&mut ebpf, name)?
+            .load()
+            .map_err(|source| DatapathError::Program { name, source })?;
         Ok(Self {
             ebpf,
-            applied: None,
+            name,
             links: Vec::new(),
         })
     }
 
-    /// The loaded `xdp_lb` program (for attaching or BPF_PROG_TEST_RUN).
-    pub fn program(&mut self) -> Result<&mut Xdp, DatapathError> {
-        program(&mut self.ebpf, PROG_LB)
+    fn program(&mut self) -> Result<&mut Xdp, DatapathError> {
+        program(&mut self.ebpf, self.name)
     }
 
-    /// The underlying object, for tests and tools that read maps directly.
-    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
-        &mut self.ebpf
-    }
-
-    /// Attaches `xdp_lb` to `iface`.
-    pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<(), DatapathError> {
+    fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<(), DatapathError> {
         let link = self
             .program()?
             .attach(iface, mode)
@@ -152,17 +143,73 @@ impl Datapath {
         Ok(())
     }
 
-    /// Detaches from every interface this handle attached to.
-    pub fn detach(&mut self) -> Result<(), DatapathError> {
+    fn detach(&mut self) -> Result<(), DatapathError> {
+        let name = self.name;
         for link in std::mem::take(&mut self.links) {
             self.program()?
                 .detach(link)
-                .map_err(|source| DatapathError::Program {
-                    name: PROG_LB,
-                    source,
-                })?;
+                .map_err(|source| DatapathError::Program { name, source })?;
         }
         Ok(())
+    }
+
+    fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T, DatapathError>
+    where
+        T: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
+    {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap { name })?;
+        T::try_from(map).map_err(map_err(name))
+    }
+
+    fn map<'a, T>(&'a self, name: &'static str) -> Result<T, DatapathError>
+    where
+        T: TryFrom<&'a aya::maps::Map, Error = MapError>,
+    {
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or(DatapathError::MissingMap { name })?;
+        T::try_from(map).map_err(map_err(name))
+    }
+}
+
+/// The load balancer's program and maps in the kernel.
+pub struct Datapath {
+    loaded: Loaded,
+    applied: Option<MapPlan>,
+}
+
+impl Datapath {
+    /// Loads the embedded object and the `xdp_lb` program (not attached).
+    pub fn load(opts: LoadOptions) -> Result<Self, DatapathError> {
+        let loaded = Loaded::load(PROG_LB, opts.conn_table_capacity)?;
+        Ok(Self {
+            loaded,
+            applied: None,
+        })
+    }
+
+    /// The loaded `xdp_lb` program (for attaching or BPF_PROG_TEST_RUN).
+    pub fn program(&mut self) -> Result<&mut Xdp, DatapathError> {
+        self.loaded.program()
+    }
+
+    /// The underlying object, for tests and tools that read maps directly.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.loaded.ebpf
+    }
+
+    /// Attaches `xdp_lb` to `iface`.
+    pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<(), DatapathError> {
+        self.loaded.attach(iface, mode)
+    }
+
+    /// Detaches from every interface this handle attached to.
+    pub fn detach(&mut self) -> Result<(), DatapathError> {
+        self.loaded.detach()
     }
 
     /// Interfaces that IP-in-IP may leave by when the route's egress is not
@@ -338,22 +385,14 @@ impl Datapath {
     where
         T: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
     {
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(DatapathError::MissingMap { name })?;
-        T::try_from(map).map_err(map_err(name))
+        self.loaded.map_mut(name)
     }
 
     fn map<'a, T>(&'a self, name: &'static str) -> Result<T, DatapathError>
     where
         T: TryFrom<&'a aya::maps::Map, Error = MapError>,
     {
-        let map = self
-            .ebpf
-            .map(name)
-            .ok_or(DatapathError::MissingMap { name })?;
-        T::try_from(map).map_err(map_err(name))
+        self.loaded.map(name)
     }
 }
 
@@ -421,55 +460,35 @@ fn build_ring(ring: &[u32]) -> Result<MapData, DatapathError> {
 
 /// The IP-in-IP decapsulation program for a backend host.
 pub struct Decap {
-    ebpf: Ebpf,
-    links: Vec<XdpLinkId>,
+    loaded: Loaded,
 }
 
 impl Decap {
     /// Loads `xdp_decap` (with a minimal connection table: it uses none).
     pub fn load() -> Result<Self, DatapathError> {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(MAP_CONN_TABLE, 1)
-            .load(crate::EBPF_OBJECT)?;
-        let prog = program(&mut ebpf, PROG_DECAP)?;
-        prog.load().map_err(|source| DatapathError::Program {
-            name: PROG_DECAP,
-            source,
-        })?;
         Ok(Self {
-            ebpf,
-            links: Vec::new(),
+            loaded: Loaded::load(PROG_DECAP, 1)?,
         })
     }
 
     /// The loaded `xdp_decap` program.
     pub fn program(&mut self) -> Result<&mut Xdp, DatapathError> {
-        program(&mut self.ebpf, PROG_DECAP)
+        self.loaded.program()
     }
 
     /// Attaches to `iface`.
     pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<(), DatapathError> {
-        let link = self
-            .program()?
-            .attach(iface, mode)
-            .map_err(|source| DatapathError::Attach {
-                iface: iface.into(),
-                source,
-            })?;
-        self.links.push(link);
-        Ok(())
+        self.loaded.attach(iface, mode)
+    }
+
+    /// Detaches from every interface this handle attached to.
+    pub fn detach(&mut self) -> Result<(), DatapathError> {
+        self.loaded.detach()
     }
 
     /// Decap counters summed over CPUs, indexed by the `DECAP_*` constants.
     pub fn stats(&self) -> Result<Vec<u64>, DatapathError> {
-        let map = self
-            .ebpf
-            .map(MAP_DECAP_STATS)
-            .ok_or(DatapathError::MissingMap {
-                name: MAP_DECAP_STATS,
-            })?;
-        let stats: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(map).map_err(map_err(MAP_DECAP_STATS))?;
+        let stats: PerCpuArray<_, u64> = self.loaded.map(MAP_DECAP_STATS)?;
         (0..DECAP_STAT_COUNT)
             .map(|i| {
                 Ok(stats
