@@ -16,7 +16,7 @@
 //!    miss; the filter is narrowed to the new addresses.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     os::fd::{AsFd as _, AsRawFd as _},
 };
 
@@ -303,14 +303,14 @@ impl Datapath {
         self.write_filter(&union)?;
 
         let mut vips: HashMap<_, VipKey, VipMeta> = self.map_mut(MAP_VIPS)?;
-        let mut keys = BTreeSet::new();
+        let mut keys = HashSet::new();
         for (key, meta) in plan
             .vips
             .iter()
             .map(|v| (v.key, v.meta))
             .chain(plan.aliases.iter().copied())
         {
-            keys.insert(key_bytes(&key));
+            keys.insert(key);
             vips.insert(key, meta, 0).map_err(map_err(MAP_VIPS))?;
         }
         if let Some(prev) = prev {
@@ -320,7 +320,7 @@ impl Datapath {
                 .map(|v| v.key)
                 .chain(prev.aliases.iter().map(|a| a.0))
             {
-                if !keys.contains(&key_bytes(&key)) {
+                if !keys.contains(&key) {
                     vips.remove(&key).map_err(map_err(MAP_VIPS))?;
                 }
             }
@@ -403,17 +403,6 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, Da
     })?;
     prog.try_into()
         .map_err(|source| DatapathError::Program { name, source })
-}
-
-fn key_bytes(k: &VipKey) -> [u32; 6] {
-    [
-        k.addr[0],
-        k.addr[1],
-        k.addr[2],
-        k.addr[3],
-        u32::from(k.port),
-        u32::from(k.proto) | u32::from(k.family) << 8,
-    ]
 }
 
 /// Creates a lookup table as a memory-mappable array and fills it with one

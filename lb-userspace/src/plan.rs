@@ -56,9 +56,10 @@ pub enum PlanError {
 
 /// Stable ids for VIPs and backends across plans.
 ///
-/// A backend id names one backend of one VIP. Ids released by a plan are
-/// quarantined until the next plan (by then the released plan's tables,
-/// which may still name them, have been replaced), and every reuse bumps
+/// A backend id names one backend of one VIP. Ids a plan no longer uses are
+/// released only after that plan has allocated, so the plan that drops an
+/// id never hands it to someone else (the tables live while it is applied
+/// may still name it); the next plan may reuse it, and every reuse bumps
 /// the id's generation so connection entries made for the old owner miss.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdAllocator {
@@ -67,8 +68,6 @@ pub struct IdAllocator {
     generations: BTreeMap<u32, u32>,
     free_vip_ids: BTreeSet<u32>,
     free_backend_ids: BTreeSet<u32>,
-    quarantined_vip_ids: BTreeSet<u32>,
-    quarantined_backend_ids: BTreeSet<u32>,
     next_vip_id: u32,
     next_backend_id: u32,
 }
@@ -101,26 +100,15 @@ impl IdAllocator {
         Some((id, *generation))
     }
 
-    /// Frees the ids the previous plan quarantined. Called before a plan
-    /// allocates anything: the tables that still named those ids were
-    /// replaced when the previous plan was applied, so this plan may reuse
-    /// them (with a new generation).
-    fn end_quarantine(&mut self) {
-        self.free_vip_ids.append(&mut self.quarantined_vip_ids);
-        self.free_backend_ids
-            .append(&mut self.quarantined_backend_ids);
-    }
-
-    /// Releases every id not in `used` into quarantine (after a plan has
-    /// allocated): the tables live while this plan is applied may still
-    /// name them.
+    /// Frees every id not in `used`. Called after the plan has allocated,
+    /// so the freed ids are only reusable by the next plan.
     fn release_unused(&mut self, used_vips: &BTreeSet<u32>, used_backends: &BTreeSet<u32>) {
-        let q = &mut self.quarantined_vip_ids;
+        let free = &mut self.free_vip_ids;
         self.vips
-            .retain(|_, id| used_vips.contains(id) || !q.insert(*id));
-        let q = &mut self.quarantined_backend_ids;
+            .retain(|_, id| used_vips.contains(id) || !free.insert(*id));
+        let free = &mut self.free_backend_ids;
         self.backends
-            .retain(|_, id| used_backends.contains(id) || !q.insert(*id));
+            .retain(|_, id| used_backends.contains(id) || !free.insert(*id));
     }
 }
 
@@ -239,7 +227,6 @@ fn global_config(spec: &DataplaneSpec) -> GlobalConfig {
 /// Plans the maps for `spec`, reusing the ids of `previous`.
 pub fn plan(spec: &DataplaneSpec, previous: &IdAllocator) -> Result<MapPlan, PlanError> {
     let mut alloc = previous.clone();
-    alloc.end_quarantine();
     let mut seen = BTreeSet::new();
     let mut vips = Vec::with_capacity(spec.vips.len());
     let mut backends = Vec::new();
