@@ -400,6 +400,24 @@ impl Lab {
         }
     }
 
+    /// From the client namespace: `n` TCP requests (one connection each,
+    /// ephemeral source ports) and `n` UDP requests (source ports
+    /// `UDP_SRC_BASE + i`) to the VIP of `fam`.
+    pub fn client_batches(&self, fam: Family, n: usize) -> (Batch, Batch) {
+        let vip = fam.vip();
+        let client = fam.client();
+        self.client.in_netns(|| {
+            let tcp = batch(n, |_| tcp_request(SocketAddr::new(vip, TCP_PORT)));
+            let udp = batch(n, |i| {
+                udp_request(
+                    SocketAddr::new(client, UDP_SRC_BASE + i as u16),
+                    SocketAddr::new(vip, UDP_PORT),
+                )
+            });
+            (tcp, udp)
+        })
+    }
+
     pub fn names(&self) -> Vec<String> {
         [&self.switch, &self.client, &self.lb]
             .into_iter()

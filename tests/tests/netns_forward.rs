@@ -19,8 +19,7 @@ use lb_common::{STAT_NAMES, STAT_OUTCOMES, STAT_PASS_NON_IP, STAT_PASS_NOT_VIP, 
 use lb_tests::{
     lab::{
         Batch, Family, IO_TIMEOUT, LB_PORT, Lab, N_BACKENDS, Served, Server, TCP_PORT, UDP_PORT,
-        UDP_SRC_BASE, V4, V6, backend_name, batch, lb_service, tcp_request, udp_request,
-        xdp_counters,
+        V4, V6, backend_name, lb_service, xdp_counters,
     },
     netns::{self, fmt_mac},
 };
@@ -220,18 +219,7 @@ fn run_family(fam: Family) {
     let mut lab = Lab::new("fw", [100; N_BACKENDS as usize]);
     let names = lab.names();
 
-    let vip = fam.vip();
-    let client_ip = fam.client();
-    let (tcp, udp) = lab.client.in_netns(|| {
-        let tcp = batch(REQUESTS, |_| tcp_request(SocketAddr::new(vip, TCP_PORT)));
-        let udp = batch(REQUESTS, |i| {
-            udp_request(
-                SocketAddr::new(client_ip, UDP_SRC_BASE + i as u16),
-                SocketAddr::new(vip, UDP_PORT),
-            )
-        });
-        (tcp, udp)
-    });
+    let (tcp, udp) = lab.client_batches(fam, REQUESTS);
     let own_line = check_lb_own_service(&lab, fam);
 
     let stats = lab

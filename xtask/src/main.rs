@@ -2,7 +2,6 @@
 //! idempotent machine set-up (`scripts/setup.sh`), so each works on a fresh
 //! machine with nothing installed by hand.
 use std::{
-    ffi::OsString,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -56,20 +55,10 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
-/// PATH with the project-local tools first.
-fn tool_path() -> anyhow::Result<OsString> {
-    let mut dirs = vec![root().join(".tools/bin")];
-    dirs.extend(std::env::split_paths(
-        &std::env::var_os("PATH").unwrap_or_default(),
-    ));
-    Ok(std::env::join_paths(dirs)?)
-}
-
 fn run(what: &str, cmd: &mut Command) -> anyhow::Result<()> {
     eprintln!("[xtask] {what}");
     let status = cmd
         .current_dir(root())
-        .env("PATH", tool_path()?)
         .status()
         .with_context(|| format!("could not start: {what}"))?;
     if !status.success() {

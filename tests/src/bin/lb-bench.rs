@@ -218,15 +218,7 @@ fn main() {
     }
     let plan = plan::plan(&spec, &IdAllocator::default()).expect("plan");
     dp.apply(&plan).expect("apply");
-    {
-        let floor: &mut Xdp = dp
-            .ebpf_mut()
-            .program_mut(PROG_BENCH_PASS)
-            .expect("bench_pass in object")
-            .try_into()
-            .expect("xdp program");
-        floor.load().expect("load bench_pass");
-    }
+    load_prog(&mut dp, PROG_BENCH_PASS);
     let names = [
         ("empty XDP_PASS program (floor)", None),
         ("TCP new flow (SYN, conn-table insert)", Some(4.3)),

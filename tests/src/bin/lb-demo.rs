@@ -19,10 +19,7 @@ use std::{
 
 use lb_common::{STAT_CONN_HIT, STAT_CONN_MISS, STAT_NAMES, STAT_TX};
 use lb_tests::{
-    lab::{
-        Batch, Lab, N_BACKENDS, TCP_PORT, UDP_PORT, UDP_SRC_BASE, V4, backend_name, batch,
-        tcp_request, udp_request,
-    },
+    lab::{Batch, Lab, N_BACKENDS, TCP_PORT, UDP_PORT, V4, backend_name},
     netns::{self, NetNs, fmt_mac},
 };
 use lb_userspace::model::Protocol;
@@ -82,17 +79,7 @@ fn demo() -> Result<(), Vec<String>> {
 
     println!("\n== 2. traffic: {REQUESTS} TCP and {REQUESTS} UDP requests, one flow each");
     let vip = V4.vip();
-    let client = V4.client();
-    let (tcp, udp) = lab.client.in_netns(|| {
-        let tcp = batch(REQUESTS, |_| tcp_request(SocketAddr::new(vip, TCP_PORT)));
-        let udp = batch(REQUESTS, |i| {
-            udp_request(
-                SocketAddr::new(client, UDP_SRC_BASE + i as u16),
-                SocketAddr::new(vip, UDP_PORT),
-            )
-        });
-        (tcp, udp)
-    });
+    let (tcp, udp) = lab.client_batches(V4, REQUESTS);
 
     println!("\n== 3. results");
     let stats = lab
