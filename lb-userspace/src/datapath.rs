@@ -12,12 +12,14 @@
 //! 4. the VIP address filter admits the old and new addresses, then VIP
 //!    entries are written (one atomic hash update each);
 //! 5. VIP entries that left are deleted;
-//! 6. backends that left are marked inactive, so their connection entries
+//! 6. after an RCU grace period (no program still runs with an old table),
+//!    backends that left are marked inactive, so their connection entries
 //!    miss; the filter is narrowed to the new addresses.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     os::fd::{AsFd as _, AsRawFd as _},
+    path::{Path, PathBuf},
 };
 
 use aya::{
@@ -25,14 +27,18 @@ use aya::{
     maps::{
         Array, ArrayOfMaps, HashMap, MapData, MapError, PerCpuArray, PerCpuValues, xdp::DevMapHash,
     },
-    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
     util::nr_cpus,
 };
 use lb_common::{
     BACKEND_NONE, BPF_F_MMAPABLE, Backend, CONN_TABLE_CAPACITY, DECAP_STAT_COUNT, GlobalConfig,
-    MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_CONN_TABLE, MAP_DECAP_STATS, MAP_RINGS,
-    MAP_STATS, MAP_TX_PORTS, MAP_VIP_FILTER, MAP_VIP_STATS, MAP_VIPS, MAX_RING_SIZE, PROG_DECAP,
-    PROG_LB, STAT_COUNT, TrafficCounters, VipKey, VipMeta,
+    LAYOUT_VERSION, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_CONN_TABLE, MAP_DECAP_STATS,
+    MAP_RINGS, MAP_STATS, MAP_TX_PORTS, MAP_VIP_FILTER, MAP_VIP_STATS, MAP_VIPS, MAX_RING_SIZE,
+    PROG_DECAP, PROG_LB, STAT_COUNT, TrafficCounters, VipKey, VipMeta,
 };
 
 use crate::plan::MapPlan;
@@ -62,6 +68,21 @@ pub enum DatapathError {
     Cpus(std::io::Error),
     #[error("egress map: {0}")]
     TxPorts(aya::maps::xdp::XdpMapError),
+    #[error(
+        "{dir} holds pinned state of layout {found}, this lbd uses {LAYOUT_VERSION}; refusing to adopt it. Detach with the lbd that made it (`lbctl datapath detach`) or remove the directory if nothing forwards through it"
+    )]
+    IncompatiblePins { dir: PathBuf, found: String },
+    #[error("pin directory {dir}: {source} (is bpffs mounted at /sys/fs/bpf?)")]
+    PinDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "writing the maps failed and restoring the previous plan failed too; the data path may hold a mix — re-apply the config: {0}"
+    )]
+    RestoreFailed(Box<DatapathError>),
+    #[error("pinning or adopting the XDP link {path}: {reason}")]
+    LinkPin { path: PathBuf, reason: String },
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
@@ -69,18 +90,67 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
 }
 
 /// How to load the object.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct LoadOptions {
-    /// Capacity of the connection table.
+    /// Capacity of the connection table (ignored when adopting pinned maps).
     pub conn_table_capacity: u32,
+    /// bpffs directory for pinned maps and links. With it, the maps and
+    /// the XDP link outlive the process, and the next `load` adopts them
+    /// (hitless restart). Without it, everything goes away with the handle.
+    pub pin_dir: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             conn_table_capacity: CONN_TABLE_CAPACITY,
+            pin_dir: None,
         }
     }
+}
+
+/// Maps that carry state across restarts (all but the benchmark's and the
+/// decap program's).
+const PINNED_MAPS: [&str; 10] = [
+    MAP_VIPS,
+    MAP_RINGS,
+    MAP_BACKENDS,
+    MAP_CONN_TABLE,
+    MAP_VIP_FILTER,
+    MAP_CONFIG,
+    MAP_TX_PORTS,
+    MAP_STATS,
+    MAP_VIP_STATS,
+    MAP_BACKEND_STATS,
+];
+
+/// The directory of one layout version under the operator's pin dir.
+fn layout_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join(format!("layout-v{LAYOUT_VERSION}"))
+}
+
+/// Creates the layout directory, refusing a pin dir that holds another
+/// layout. Returns whether our layout's maps were already pinned.
+fn prepare_pins(pin_dir: &Path) -> Result<bool, DatapathError> {
+    let ours = layout_dir(pin_dir);
+    let io = |source| DatapathError::PinDir {
+        dir: pin_dir.to_path_buf(),
+        source,
+    };
+    if pin_dir.exists() {
+        for entry in std::fs::read_dir(pin_dir).map_err(io)? {
+            let entry = entry.map_err(io)?;
+            if entry.path() != ours {
+                return Err(DatapathError::IncompatiblePins {
+                    dir: pin_dir.to_path_buf(),
+                    found: entry.file_name().to_string_lossy().into_owned(),
+                });
+            }
+        }
+    }
+    let existed = ours.join(MAP_VIPS).exists();
+    std::fs::create_dir_all(&ours).map_err(io)?;
+    Ok(existed)
 }
 
 /// Counters summed over CPUs.
@@ -110,13 +180,35 @@ struct Loaded {
     ebpf: Ebpf,
     name: &'static str,
     links: Vec<XdpLinkId>,
+    /// Links pinned under `pins` (interface name, pin path).
+    pinned_links: Vec<(String, PathBuf)>,
+    /// Our layout directory when pinning.
+    pins: Option<PathBuf>,
+    /// Whether the maps were adopted from an earlier process.
+    adopted: bool,
 }
 
 impl Loaded {
-    fn load(name: &'static str, conn_table_capacity: u32) -> Result<Self, DatapathError> {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(MAP_CONN_TABLE, conn_table_capacity)
-            .load(crate::EBPF_OBJECT)?;
+    fn load(
+        name: &'static str,
+        conn_table_capacity: u32,
+        pin_dir: Option<&Path>,
+    ) -> Result<Self, DatapathError> {
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(MAP_CONN_TABLE, conn_table_capacity);
+        let mut adopted = false;
+        let pins = match pin_dir {
+            Some(dir) => {
+                adopted = prepare_pins(dir)?;
+                let ours = layout_dir(dir);
+                for map in PINNED_MAPS {
+                    loader.map_pin_path(map, ours.join(map));
+                }
+                Some(ours)
+            }
+            None => None,
+        };
+        let mut ebpf = loader.load(crate::EBPF_OBJECT)?;
         program(&mut ebpf, name)?
             .load()
             .map_err(|source| DatapathError::Program { name, source })?;
@@ -124,7 +216,87 @@ impl Loaded {
             ebpf,
             name,
             links: Vec::new(),
+            pinned_links: Vec::new(),
+            pins,
+            adopted,
         })
+    }
+
+    fn link_pin(&self, iface: &str) -> Option<PathBuf> {
+        self.pins.as_ref().map(|d| d.join(format!("link-{iface}")))
+    }
+
+    /// Attaches through a pinned link: replaces the program of an existing
+    /// link atomically (no packet sees no program), or creates and pins a
+    /// new link.
+    fn attach_pinned(
+        &mut self,
+        iface: &str,
+        mode: XdpMode,
+        path: PathBuf,
+    ) -> Result<(), DatapathError> {
+        let pin_err = |reason: String| DatapathError::LinkPin {
+            path: path.clone(),
+            reason,
+        };
+        if path.exists() {
+            let link = PinnedLink::from_pin(&path).map_err(|e| pin_err(e.to_string()))?;
+            let link = XdpLink::try_from(FdLink::from(link)).map_err(|e| pin_err(e.to_string()))?;
+            let name = self.name;
+            let id = self
+                .program()?
+                .attach_to_link(link)
+                .map_err(|source| DatapathError::Program { name, source })?;
+            self.links.push(id);
+        } else {
+            let name = self.name;
+            let prog = self.program()?;
+            let id = prog
+                .attach(iface, mode)
+                .map_err(|source| DatapathError::Attach {
+                    iface: iface.into(),
+                    source,
+                })?;
+            let link = prog
+                .take_link(id)
+                .map_err(|source| DatapathError::Program { name, source })?;
+            let fd = FdLink::try_from(link).map_err(|e| {
+                pin_err(format!(
+                    "{e}: this kernel attached XDP by netlink, not by a BPF link, so it cannot be pinned"
+                ))
+            })?;
+            let pinned = fd.pin(&path).map_err(|e| pin_err(e.to_string()))?;
+            // The pin keeps the link; hold it through the program so a
+            // later detach closes it.
+            let link =
+                XdpLink::try_from(FdLink::from(pinned)).map_err(|e| pin_err(e.to_string()))?;
+            let id = self
+                .program()?
+                .attach_to_link(link)
+                .map_err(|source| DatapathError::Program { name, source })?;
+            self.links.push(id);
+        }
+        self.pinned_links.push((iface.to_owned(), path));
+        Ok(())
+    }
+
+    /// Interfaces with a pinned link of our layout.
+    fn pinned_interfaces(&self) -> Vec<String> {
+        let Some(dir) = &self.pins else {
+            return Vec::new();
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_prefix("link-"))
+                    .map(str::to_owned)
+            })
+            .collect()
     }
 
     fn program(&mut self) -> Result<&mut Xdp, DatapathError> {
@@ -132,6 +304,9 @@ impl Loaded {
     }
 
     fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<(), DatapathError> {
+        if let Some(path) = self.link_pin(iface) {
+            return self.attach_pinned(iface, mode, path);
+        }
         let link = self
             .program()?
             .attach(iface, mode)
@@ -143,8 +318,20 @@ impl Loaded {
         Ok(())
     }
 
+    /// Detaches: removes the link pins (so closing the links really
+    /// detaches) and closes every link this handle holds.
     fn detach(&mut self) -> Result<(), DatapathError> {
         let name = self.name;
+        for (_, path) in std::mem::take(&mut self.pinned_links) {
+            if let Err(e) = std::fs::remove_file(&path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                return Err(DatapathError::LinkPin {
+                    path,
+                    reason: e.to_string(),
+                });
+            }
+        }
         for link in std::mem::take(&mut self.links) {
             self.program()?
                 .detach(link)
@@ -185,7 +372,11 @@ pub struct Datapath {
 impl Datapath {
     /// Loads the embedded object and the `xdp_lb` program (not attached).
     pub fn load(opts: LoadOptions) -> Result<Self, DatapathError> {
-        let loaded = Loaded::load(PROG_LB, opts.conn_table_capacity)?;
+        let LoadOptions {
+            conn_table_capacity,
+            pin_dir,
+        } = opts;
+        let loaded = Loaded::load(PROG_LB, conn_table_capacity, pin_dir.as_deref())?;
         Ok(Self {
             loaded,
             applied: None,
@@ -207,9 +398,42 @@ impl Datapath {
         self.loaded.attach(iface, mode)
     }
 
-    /// Detaches from every interface this handle attached to.
+    /// Detaches from every interface this handle attached to (and removes
+    /// the link pins, so forwarding really stops).
     pub fn detach(&mut self) -> Result<(), DatapathError> {
         self.loaded.detach()
+    }
+
+    /// Whether the maps were adopted from pins an earlier process left.
+    pub fn adopted(&self) -> bool {
+        self.loaded.adopted
+    }
+
+    /// Interfaces with a pinned link of this layout (attached, whether by
+    /// this process or an earlier one).
+    pub fn pinned_interfaces(&self) -> Vec<String> {
+        self.loaded.pinned_interfaces()
+    }
+
+    /// Removes the pinned link of `iface` that this handle does not hold
+    /// (an interface an earlier process attached to and the config no
+    /// longer names): forwarding on it stops.
+    pub fn detach_pinned(&mut self, iface: &str) -> Result<(), DatapathError> {
+        let Some(path) = self.loaded.link_pin(iface) else {
+            return Ok(());
+        };
+        if !path.exists() {
+            return Ok(());
+        }
+        let link = PinnedLink::from_pin(&path).map_err(|e| DatapathError::LinkPin {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        link.unpin().map_err(|e| DatapathError::LinkPin {
+            path,
+            reason: e.to_string(),
+        })?;
+        Ok(())
     }
 
     /// Interfaces that IP-in-IP may leave by when the route's egress is not
@@ -227,18 +451,180 @@ impl Datapath {
         self.applied.as_ref()
     }
 
+    /// Records `plan` as what the (adopted) maps hold, without writing.
+    /// Call [`Datapath::verify`] first: the next apply only writes the
+    /// difference from this plan.
+    pub fn assume_applied(&mut self, plan: MapPlan) {
+        self.applied = Some(plan);
+    }
+
     /// Writes `plan` into the maps (see the module docs for the order).
+    ///
+    /// If a write fails half-way, the previous plan is written back over
+    /// everything the failed attempt may have touched, so the data path is
+    /// left as it was; the error says whether that restore worked.
     pub fn apply(&mut self, plan: &MapPlan) -> Result<(), DatapathError> {
         let prev = self.applied.take();
-        let res = self.write_plan(plan, prev.as_ref());
-        // On failure the maps may hold a mix; remember the new plan anyway
-        // only if it was fully written.
-        self.applied = if res.is_ok() {
-            Some(plan.clone())
-        } else {
-            prev
-        };
-        res
+        match self.write_plan(plan, prev.as_ref()) {
+            Ok(()) => {
+                self.applied = Some(plan.clone());
+                Ok(())
+            }
+            Err(err) => {
+                // Restore: the maps hold a mix of `prev` and `plan`, so
+                // writing `prev` relative to `plan` rewrites every entry
+                // that may differ and removes what `plan` added.
+                let restored = match &prev {
+                    Some(p) => self.write_plan(p, Some(plan)).is_ok(),
+                    None => true,
+                };
+                self.applied = prev;
+                if restored {
+                    Err(err)
+                } else {
+                    Err(DatapathError::RestoreFailed(Box::new(err)))
+                }
+            }
+        }
+    }
+
+    /// The config generation the data path carries (its `CONFIG` map).
+    pub fn live_generation(&self) -> Result<u64, DatapathError> {
+        let config: Array<_, GlobalConfig> = self.map(MAP_CONFIG)?;
+        Ok(config
+            .get(&0, 0)
+            .map_err(map_err(MAP_CONFIG))?
+            .config_generation)
+    }
+
+    /// Compares the kernel's maps with `plan`: global config, every VIP
+    /// entry (and no others), every backend entry, the address filter, and
+    /// every lookup table's contents (by digest). Returns the differences,
+    /// each readable by an operator; empty means the data path does
+    /// exactly what the plan says.
+    pub fn verify(&self, plan: &MapPlan) -> Result<Vec<String>, DatapathError> {
+        let mut diffs = Vec::new();
+        let config: Array<_, GlobalConfig> = self.map(MAP_CONFIG)?;
+        let global = config.get(&0, 0).map_err(map_err(MAP_CONFIG))?;
+        if global != plan.global {
+            diffs.push(format!(
+                "global config differs (kernel generation {}, planned {})",
+                global.config_generation, plan.global.config_generation
+            ));
+        }
+        let vips: HashMap<_, VipKey, VipMeta> = self.map(MAP_VIPS)?;
+        let mut kernel_vips = std::collections::HashMap::new();
+        for entry in &vips {
+            let (k, v) = entry.map_err(map_err(MAP_VIPS))?;
+            kernel_vips.insert(k, v);
+        }
+        let planned_vips: Vec<(String, VipKey, VipMeta)> = plan
+            .vips
+            .iter()
+            .map(|v| (v.vip.to_string(), v.key, v.meta))
+            .chain(
+                plan.aliases
+                    .iter()
+                    .map(|(k, m)| (format!("fragment alias of VIP id {}", m.vip_id), *k, *m)),
+            )
+            .collect();
+        for (name, key, meta) in &planned_vips {
+            match kernel_vips.get(key) {
+                None => diffs.push(format!("VIP {name} is missing from the kernel")),
+                Some(m) if m != meta => diffs.push(format!("VIP {name}: entry differs")),
+                Some(_) => {}
+            }
+        }
+        let planned_keys: HashSet<VipKey> = planned_vips.iter().map(|p| p.1).collect();
+        let extra = kernel_vips
+            .keys()
+            .filter(|k| !planned_keys.contains(*k))
+            .count();
+        if extra > 0 {
+            diffs.push(format!("{extra} VIP entries in the kernel are not planned"));
+        }
+        let backends: Array<_, Backend> = self.map(MAP_BACKENDS)?;
+        for b in &plan.backends {
+            let got = backends.get(&b.id, 0).map_err(map_err(MAP_BACKENDS))?;
+            if got != b.entry {
+                diffs.push(format!(
+                    "VIP {} backend {} (id {}): entry differs",
+                    b.vip, b.address, b.id
+                ));
+            }
+        }
+        let filter: Array<_, u64> = self.map(MAP_VIP_FILTER)?;
+        for (i, w) in plan.vip_filter.iter().enumerate() {
+            if filter
+                .get(&(i as u32), 0)
+                .map_err(map_err(MAP_VIP_FILTER))?
+                != *w
+            {
+                diffs.push(format!("VIP address filter word {i} differs"));
+            }
+        }
+        let rings: ArrayOfMaps<_, MapData> = self.map(MAP_RINGS)?;
+        for v in &plan.vips {
+            match rings.get(&v.meta.vip_id, 0) {
+                Ok(inner) => {
+                    let table = read_ring(&inner, v.ring.len())?;
+                    if crate::maglev::table_digest(&table) != v.ring_digest {
+                        diffs.push(format!("VIP {}: lookup table differs", v.vip));
+                    }
+                }
+                Err(MapError::KeyNotFound) => {
+                    diffs.push(format!("VIP {}: no lookup table", v.vip));
+                }
+                Err(e) => return Err(map_err(MAP_RINGS)(e)),
+            }
+        }
+        Ok(diffs)
+    }
+
+    /// Generations of every backend id the kernel holds an entry for (to
+    /// seed a fresh id allocator when pinned maps are adopted without the
+    /// state that made them).
+    pub fn backend_generations(&self) -> Result<BTreeMap<u32, u32>, DatapathError> {
+        let backends: Array<_, Backend> = self.map(MAP_BACKENDS)?;
+        let mut out = BTreeMap::new();
+        for id in 0..lb_common::MAX_BACKENDS {
+            let b = backends.get(&id, 0).map_err(map_err(MAP_BACKENDS))?;
+            if b.generation != 0 {
+                out.insert(id, b.generation);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes every VIP entry not in `plan` and deactivates every backend
+    /// entry not in it: for adopted maps whose contents are not known.
+    pub fn remove_unplanned(&mut self, plan: &MapPlan) -> Result<(), DatapathError> {
+        let planned: HashSet<VipKey> = plan
+            .vips
+            .iter()
+            .map(|v| v.key)
+            .chain(plan.aliases.iter().map(|(k, _)| *k))
+            .collect();
+        let mut vips: HashMap<_, VipKey, VipMeta> = self.map_mut(MAP_VIPS)?;
+        let keys: Vec<VipKey> = vips.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            if !planned.contains(&k) {
+                vips.remove(&k).map_err(map_err(MAP_VIPS))?;
+            }
+        }
+        let ids: BTreeSet<u32> = plan.backends.iter().map(|b| b.id).collect();
+        let mut backends: Array<_, Backend> = self.map_mut(MAP_BACKENDS)?;
+        for id in 0..lb_common::MAX_BACKENDS {
+            if ids.contains(&id) {
+                continue;
+            }
+            let b = backends.get(&id, 0).map_err(map_err(MAP_BACKENDS))?;
+            if b.flags != 0 {
+                let gone = Backend { flags: 0, ..b };
+                backends.set(id, gone, 0).map_err(map_err(MAP_BACKENDS))?;
+            }
+        }
+        Ok(())
     }
 
     fn write_plan(&mut self, plan: &MapPlan, prev: Option<&MapPlan>) -> Result<(), DatapathError> {
@@ -325,8 +711,19 @@ impl Datapath {
                 }
             }
             let now: BTreeSet<u32> = plan.backends.iter().map(|b| b.id).collect();
+            let gone: Vec<_> = prev
+                .backends
+                .iter()
+                .filter(|b| !now.contains(&b.id))
+                .collect();
+            if !gone.is_empty() {
+                // A program that fetched an old table just before the swap
+                // may still pick a backend of it: wait until every such
+                // program has returned before deactivating those backends.
+                wait_for_readers();
+            }
             let mut backends: Array<_, Backend> = self.map_mut(MAP_BACKENDS)?;
-            for b in prev.backends.iter().filter(|b| !now.contains(&b.id)) {
+            for b in gone {
                 let gone = Backend {
                     flags: 0,
                     ..b.entry
@@ -447,6 +844,53 @@ fn build_ring(ring: &[u32]) -> Result<MapData, DatapathError> {
     Ok(data)
 }
 
+/// Waits for an RCU grace period: XDP programs run inside RCU read-side
+/// sections, so when this returns no program that started before it is
+/// still running. `membarrier(MEMBARRIER_CMD_GLOBAL)` is implemented with
+/// `synchronize_rcu()`; where it is unavailable (nohz_full), sleep well past
+/// any XDP program's run time instead.
+fn wait_for_readers() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: membarrier takes two integer arguments and touches no memory.
+    let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if rc != 0 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Reads the first `len` slots of a lookup table (memory-mapped, read only).
+fn read_ring(inner: &MapData, len: usize) -> Result<Vec<u32>, DatapathError> {
+    const STRIDE: usize = 8;
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let map_len = (MAX_RING_SIZE as usize * STRIDE).div_ceil(page) * page;
+    let fd = inner.fd().as_fd().as_raw_fd();
+    // SAFETY: a read-only shared mapping of a BPF_F_MMAPABLE array of
+    // `map_len` bytes; unmapped below.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            map_len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(DatapathError::Mmap(std::io::Error::last_os_error()));
+    }
+    let base = ptr.cast::<u64>();
+    let len = len.min(MAX_RING_SIZE as usize);
+    // SAFETY: i < MAX_RING_SIZE, so (i + 1) * STRIDE ≤ map_len; aligned.
+    let out = (0..len)
+        .map(|i| unsafe { base.add(i).read() } as u32)
+        .collect();
+    // SAFETY: ptr/map_len are the mapping created above.
+    unsafe { libc::munmap(ptr, map_len) };
+    Ok(out)
+}
+
 /// The IP-in-IP decapsulation program for a backend host.
 pub struct Decap {
     loaded: Loaded,
@@ -456,7 +900,7 @@ impl Decap {
     /// Loads `xdp_decap` (with a minimal connection table: it uses none).
     pub fn load() -> Result<Self, DatapathError> {
         Ok(Self {
-            loaded: Loaded::load(PROG_DECAP, 1)?,
+            loaded: Loaded::load(PROG_DECAP, 1, None)?,
         })
     }
 

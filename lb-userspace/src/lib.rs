@@ -2,7 +2,11 @@
 //! builder, the map-content planner (pure, testable without a kernel), and
 //! the thin datapath layer that loads, attaches and programs the XDP object.
 
+pub mod agent;
+pub mod config;
+pub mod control;
 pub mod datapath;
+pub mod health;
 pub mod maglev;
 pub mod model;
 pub mod plan;

@@ -73,6 +73,16 @@ pub struct IdAllocator {
 }
 
 impl IdAllocator {
+    /// An allocator for maps whose history is unknown (adopted pins without
+    /// the agent's state): every id starts past the generation the kernel
+    /// holds for it, so no connection entry made before can match.
+    pub fn after_generations(generations: &BTreeMap<u32, u32>) -> Self {
+        Self {
+            generations: generations.clone(),
+            ..Self::default()
+        }
+    }
+
     fn vip_id(&mut self, vip: VipId, ring_size: u32) -> Option<u32> {
         if let Some(&id) = self.vips.get(&(vip, ring_size)) {
             return Some(id);

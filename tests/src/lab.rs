@@ -52,6 +52,10 @@ use crate::{
     scenario::{SEED, VIP_V4, VIP_V6},
 };
 
+fn start_server(ns: &NetNs, i: u8) -> Server {
+    Server::start(ns, backend_name(i), &[V4.backend(i), V6.backend(i)])
+}
+
 /// Backends in the lab, named `backend-1` ..
 pub const N_BACKENDS: u8 = 3;
 pub const TCP_PORT: u16 = 80;
@@ -142,23 +146,32 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn start(ns: &NetNs, name: String) -> Self {
+    /// Binds TCP :80 and UDP :53 on the VIPs and on `own` (the backend's
+    /// own addresses, where health probes go) inside `ns`.
+    pub fn start(ns: &NetNs, name: String, own: &[IpAddr]) -> Self {
         // Sockets are created inside the backend namespace and stay there.
-        let (t4, t6, u4, u6) = ns.in_netns(|| {
+        let addrs: Vec<IpAddr> = [IpAddr::V4(VIP_V4), IpAddr::V6(VIP_V6)]
+            .into_iter()
+            .chain(own.iter().copied())
+            .collect();
+        let (tcp, udp) = ns.in_netns(|| {
             let bind_err =
                 |what: &str, e: std::io::Error| -> ! { panic!("{name}: bind {what}: {e}") };
-            (
-                TcpListener::bind((VIP_V4, TCP_PORT)).unwrap_or_else(|e| bind_err("tcp v4", e)),
-                TcpListener::bind((VIP_V6, TCP_PORT)).unwrap_or_else(|e| bind_err("tcp v6", e)),
-                UdpSocket::bind((VIP_V4, UDP_PORT)).unwrap_or_else(|e| bind_err("udp v4", e)),
-                UdpSocket::bind((VIP_V6, UDP_PORT)).unwrap_or_else(|e| bind_err("udp v6", e)),
-            )
+            let tcp: Vec<TcpListener> = addrs
+                .iter()
+                .map(|a| TcpListener::bind((*a, TCP_PORT)).unwrap_or_else(|e| bind_err("tcp", e)))
+                .collect();
+            let udp: Vec<UdpSocket> = addrs
+                .iter()
+                .map(|a| UdpSocket::bind((*a, UDP_PORT)).unwrap_or_else(|e| bind_err("udp", e)))
+                .collect();
+            (tcp, udp)
         });
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let handle = std::thread::Builder::new()
             .name(format!("srv-{name}"))
-            .spawn(move || serve(&name, &[t4, t6], &[u4, u6], &flag))
+            .spawn(move || serve(&name, &tcp, &udp, &flag))
             .expect("spawning a server thread");
         Self {
             stop,
@@ -184,7 +197,7 @@ impl Drop for Server {
     }
 }
 
-fn serve(name: &str, tcp: &[TcpListener], udp: &[UdpSocket], stop: &AtomicBool) -> Served {
+fn serve(name: &str, tcp: &[TcpListener], udp: &[UdpSocket], stop: &Arc<AtomicBool>) -> Served {
     let reply = format!("{name}\n");
     let mut served = Served::default();
     for l in tcp {
@@ -215,7 +228,7 @@ fn serve(name: &str, tcp: &[TcpListener], udp: &[UdpSocket], stop: &AtomicBool) 
             for _ in 0..64 {
                 match l.accept() {
                     Ok((s, _)) => {
-                        if answer_tcp(s, reply.as_bytes()) {
+                        if answer_tcp(s, reply.as_bytes(), Some(stop)) {
                             served.tcp += 1;
                         }
                     }
@@ -240,38 +253,110 @@ fn serve(name: &str, tcp: &[TcpListener], udp: &[UdpSocket], stop: &AtomicBool) 
     served
 }
 
-/// Reads one request line (bounded in size and time), answers, closes.
-fn answer_tcp(mut s: TcpStream, reply: &[u8]) -> bool {
+/// Reads one request line (bounded in size and time) and answers with
+/// `reply` (the server's name):
+/// - `GET ...` (HTTP/1.x): reads the header block, answers `200 OK` with
+///   the name as the body, closes;
+/// - `HOLD`: a long-lived connection: answers the name to every further
+///   line on a thread of its own until the client closes or `stop` is set;
+/// - anything else: answers the name, closes.
+fn answer_tcp(mut s: TcpStream, reply: &[u8], stop: Option<&Arc<AtomicBool>>) -> bool {
     if s.set_nonblocking(false).is_err() || s.set_read_timeout(Some(IO_TIMEOUT)).is_err() {
         return false;
     }
     let _ = s.set_write_timeout(Some(IO_TIMEOUT));
-    let mut buf = [0u8; 256];
+    let mut buf = [0u8; 1024];
     let mut got = 0;
     while got < buf.len() {
         match s.read(&mut buf[got..]) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 got += n;
-                if buf[..got].contains(&b'\n') {
+                let head = &buf[..got];
+                let http = head.starts_with(b"GET ");
+                if (http && head.windows(4).any(|w| w == b"\r\n\r\n"))
+                    || (!http && head.contains(&b'\n'))
+                {
                     break;
                 }
             }
         }
     }
-    got > 0 && s.write_all(reply).is_ok()
+    if got == 0 {
+        return false;
+    }
+    let head = &buf[..got];
+    if head.starts_with(b"GET ") {
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            reply.len()
+        );
+        return s.write_all(resp.as_bytes()).is_ok() && s.write_all(reply).is_ok();
+    }
+    if head.starts_with(b"HOLD") {
+        let Some(stop) = stop.cloned() else {
+            return false;
+        };
+        let reply = reply.to_vec();
+        if s.write_all(&reply).is_err() {
+            return false;
+        }
+        let _ = std::thread::Builder::new()
+            .name("srv-hold".into())
+            .spawn(move || hold(s, &reply, &stop));
+        return true;
+    }
+    s.write_all(reply).is_ok()
+}
+
+/// Serves a long-lived connection: one reply per line received, until EOF,
+/// an error, `stop`, or [`SERVER_LIFETIME`].
+fn hold(mut s: TcpStream, reply: &[u8], stop: &AtomicBool) {
+    let deadline = Instant::now() + SERVER_LIFETIME;
+    let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
+    let mut buf = [0u8; 256];
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        match s.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                let lines = buf[..n].split(|&b| b == b'\n').count() - 1;
+                for _ in 0..lines {
+                    if s.write_all(reply).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return,
+        }
+    }
+    // Stopped: close with a reset so the client notices at once.
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on an open socket with a correctly sized linger.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::from_ref(&linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
 }
 
 // ---------------------------------------------------------------- the lab
 
-/// The topology with the data path attached and the servers running.
-/// Fields drop in order: servers, data path, then the namespaces.
-pub struct Lab {
-    pub servers: Vec<Server>,
-    pub dp: Datapath,
-    pub plan: MapPlan,
-    /// XDP attach mode of `xdp_lb`: "driver" or "skb".
-    pub mode: &'static str,
+/// The topology and the servers, without the load balancer's program: a
+/// test attaches `xdp_lb` itself ([`Lab`]) or runs `lbd` in [`LabNet::lb`].
+/// Fields drop in order: servers, the switch-side pass program, then the
+/// namespaces.
+pub struct LabNet {
+    pub servers: Vec<Option<Server>>,
+    /// Holds `bench_pass` on the switch side of the LB's veth.
+    _peer_pass: Datapath,
     pub lb_mac: Mac,
     pub backend_macs: Vec<Mac>,
     pub client: NetNs,
@@ -280,12 +365,10 @@ pub struct Lab {
     pub switch: NetNs,
 }
 
-impl Lab {
-    /// Builds the topology (namespace names start with `prefix`), starts
-    /// the servers, loads and attaches `xdp_lb` and applies [`spec`] with
-    /// backend `i` (1-based) weighted `weights[i - 1]`.
-    pub fn new(prefix: &str, weights: [u32; N_BACKENDS as usize]) -> Self {
-        let t0 = Instant::now();
+impl LabNet {
+    /// Builds the topology (namespace names start with `prefix`) and starts
+    /// the servers.
+    pub fn build(prefix: &str) -> Self {
         let switch = NetNs::new(&format!("{prefix}-sw"));
         switch.bridge("br0");
         let join = |ns: &NetNs, port: &str| {
@@ -329,29 +412,10 @@ impl Lab {
         client.neigh_permanent("eth0", VIP_V4.into(), lb_mac);
         client.neigh_permanent("eth0", VIP_V6.into(), lb_mac);
 
-        let servers: Vec<Server> = backends
-            .iter()
-            .zip(1..=N_BACKENDS)
-            .map(|(b, i)| Server::start(b, backend_name(i)))
+        let servers = (1..=N_BACKENDS)
+            .map(|i| Some(start_server(&backends[usize::from(i - 1)], i)))
             .collect();
 
-        let spec = spec(&backend_macs, weights);
-        let plan = plan::plan(&spec, &IdAllocator::default())
-            .unwrap_or_else(|e| panic!("planning the spec: {e}"));
-        let (mut dp, mode) = lb.in_netns(|| {
-            let mut dp = Datapath::load(LoadOptions::default())
-                .unwrap_or_else(|e| panic!("loading xdp_lb: {e}"));
-            let mode = match dp.attach("eth0", XdpMode::Driver) {
-                Ok(()) => "driver",
-                Err(e) => {
-                    eprintln!("note: driver-mode attach failed ({e}); falling back to skb mode");
-                    dp.attach("eth0", XdpMode::Skb)
-                        .unwrap_or_else(|e| panic!("attaching xdp_lb in skb mode: {e}"));
-                    "skb"
-                }
-            };
-            (dp, mode)
-        });
         // XDP_TX from the LB's interface lands on its switch-side peer,
         // which must run NAPI to take frames from XDP. GRO on the peer is
         // not enough for XDP_TX here (the frames are counted as sent and
@@ -359,8 +423,13 @@ impl Lab {
         // the peer has an XDP program), so the peer gets an XDP_PASS
         // program: the object's `bench_pass`, attached in the switch
         // namespace.
+        let mut peer_pass = Datapath::load(LoadOptions {
+            conn_table_capacity: 16,
+            pin_dir: None,
+        })
+        .unwrap_or_else(|e| panic!("loading the object: {e}"));
         switch.in_netns(|| {
-            let prog: &mut Xdp = dp
+            let prog: &mut Xdp = peer_pass
                 .ebpf_mut()
                 .program_mut(PROG_BENCH_PASS)
                 .unwrap_or_else(|| panic!("{PROG_BENCH_PASS} missing from the object"))
@@ -371,26 +440,9 @@ impl Lab {
             prog.attach("lb0", XdpMode::Driver)
                 .unwrap_or_else(|e| panic!("attaching {PROG_BENCH_PASS} to lb0: {e}"));
         });
-        dp.apply(&plan)
-            .unwrap_or_else(|e| panic!("applying the plan: {e}"));
-        eprintln!(
-            "lab up in {:?}: switch {}, client {}, lb {} (xdp {mode}, mac {}), backends {}",
-            t0.elapsed(),
-            switch.name(),
-            client.name(),
-            lb.name(),
-            fmt_mac(lb_mac),
-            backends
-                .iter()
-                .map(NetNs::name)
-                .collect::<Vec<_>>()
-                .join(" "),
-        );
         Self {
             servers,
-            dp,
-            plan,
-            mode,
+            _peer_pass: peer_pass,
             lb_mac,
             backend_macs,
             client,
@@ -398,6 +450,31 @@ impl Lab {
             backends,
             switch,
         }
+    }
+
+    /// Stops backend `i`'s server (1-based): its connections are reset and
+    /// it answers nothing until [`LabNet::start_server`].
+    pub fn stop_server(&mut self, i: u8) -> Served {
+        self.servers[usize::from(i - 1)]
+            .take()
+            .map(Server::stop)
+            .unwrap_or_default()
+    }
+
+    /// (Re)starts backend `i`'s server.
+    pub fn start_server(&mut self, i: u8) {
+        let idx = usize::from(i - 1);
+        if self.servers[idx].is_none() {
+            self.servers[idx] = Some(start_server(&self.backends[idx], i));
+        }
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        [&self.switch, &self.client, &self.lb]
+            .into_iter()
+            .chain(&self.backends)
+            .map(|n| n.name().to_owned())
+            .collect()
     }
 
     /// From the client namespace: `n` TCP requests (one connection each,
@@ -417,13 +494,76 @@ impl Lab {
             (tcp, udp)
         })
     }
+}
 
-    pub fn names(&self) -> Vec<String> {
-        [&self.switch, &self.client, &self.lb]
-            .into_iter()
-            .chain(&self.backends)
-            .map(|n| n.name().to_owned())
-            .collect()
+/// The topology with `xdp_lb` attached by this process and a plan applied.
+/// Fields drop in order: the data path, then the topology.
+pub struct Lab {
+    pub dp: Datapath,
+    pub plan: MapPlan,
+    /// XDP attach mode of `xdp_lb`: "driver" or "skb".
+    pub mode: &'static str,
+    pub net: LabNet,
+}
+
+impl std::ops::Deref for Lab {
+    type Target = LabNet;
+    fn deref(&self) -> &LabNet {
+        &self.net
+    }
+}
+
+impl std::ops::DerefMut for Lab {
+    fn deref_mut(&mut self) -> &mut LabNet {
+        &mut self.net
+    }
+}
+
+impl Lab {
+    /// Builds the topology (namespace names start with `prefix`), starts
+    /// the servers, loads and attaches `xdp_lb` and applies [`spec`] with
+    /// backend `i` (1-based) weighted `weights[i - 1]`.
+    pub fn new(prefix: &str, weights: [u32; N_BACKENDS as usize]) -> Self {
+        let t0 = Instant::now();
+        let net = LabNet::build(prefix);
+        let spec = spec(&net.backend_macs, weights);
+        let plan = plan::plan(&spec, &IdAllocator::default())
+            .unwrap_or_else(|e| panic!("planning the spec: {e}"));
+        let (mut dp, mode) = net.lb.in_netns(|| {
+            let mut dp = Datapath::load(LoadOptions::default())
+                .unwrap_or_else(|e| panic!("loading xdp_lb: {e}"));
+            let mode = match dp.attach("eth0", XdpMode::Driver) {
+                Ok(()) => "driver",
+                Err(e) => {
+                    eprintln!("note: driver-mode attach failed ({e}); falling back to skb mode");
+                    dp.attach("eth0", XdpMode::Skb)
+                        .unwrap_or_else(|e| panic!("attaching xdp_lb in skb mode: {e}"));
+                    "skb"
+                }
+            };
+            (dp, mode)
+        });
+        dp.apply(&plan)
+            .unwrap_or_else(|e| panic!("applying the plan: {e}"));
+        eprintln!(
+            "lab up in {:?}: switch {}, client {}, lb {} (xdp {mode}, mac {}), backends {}",
+            t0.elapsed(),
+            net.switch.name(),
+            net.client.name(),
+            net.lb.name(),
+            fmt_mac(net.lb_mac),
+            net.backends
+                .iter()
+                .map(NetNs::name)
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
+        Self {
+            dp,
+            plan,
+            mode,
+            net,
+        }
     }
 
     /// Per-backend counters of one VIP, keyed by backend name.
@@ -648,7 +788,7 @@ pub fn lb_service(listener: TcpListener) -> JoinHandle<Result<(), String>> {
         loop {
             match listener.accept() {
                 Ok((s, _)) => {
-                    return if answer_tcp(s, b"lb\n") {
+                    return if answer_tcp(s, b"lb\n", None) {
                         Ok(())
                     } else {
                         Err("no request".into())

@@ -1,6 +1,8 @@
 //! Test support: packet builders, netns guards.
 
+pub mod agent;
 pub mod lab;
 pub mod netns;
 pub mod packet;
+pub mod pins;
 pub mod scenario;

@@ -107,6 +107,27 @@ impl NetNs {
         format!("/run/netns/{}", self.name)
     }
 
+    /// A command whose process starts inside this namespace (`setns()` in
+    /// the child before exec). Unlike `ip netns exec` it keeps the mount
+    /// namespace, so `/sys/fs/bpf` stays visible (pinned maps).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        use std::os::unix::process::CommandExt as _;
+        let f = std::fs::File::open(self.path())
+            .unwrap_or_else(|e| panic!("open {}: {e}", self.path()));
+        let mut cmd = Command::new(program);
+        // SAFETY: the closure only calls setns (async-signal-safe) on an fd
+        // that the parent keeps open (moved into the closure).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd
+    }
+
     /// Runs `ip netns exec NAME cmd...` and returns its output, whatever
     /// the exit status.
     pub fn exec(&self, cmd: &[&str]) -> Output {

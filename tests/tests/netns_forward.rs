@@ -18,8 +18,8 @@ use std::{
 use lb_common::{STAT_NAMES, STAT_OUTCOMES, STAT_PASS_NON_IP, STAT_PASS_NOT_VIP, STAT_TX};
 use lb_tests::{
     lab::{
-        Batch, Family, IO_TIMEOUT, LB_PORT, Lab, N_BACKENDS, Served, Server, TCP_PORT, UDP_PORT,
-        V4, V6, backend_name, lb_service, xdp_counters,
+        Batch, Family, IO_TIMEOUT, LB_PORT, Lab, N_BACKENDS, Served, TCP_PORT, UDP_PORT, V4, V6,
+        backend_name, lb_service, xdp_counters,
     },
     netns::{self, fmt_mac},
 };
@@ -231,10 +231,7 @@ fn run_family(fam: Family) {
     let global_line = check_global(&lab, &stats, fam);
 
     // The servers' own tallies agree with what the client saw.
-    let served: Vec<Served> = std::mem::take(&mut lab.servers)
-        .into_iter()
-        .map(Server::stop)
-        .collect();
+    let served: Vec<Served> = (1..=N_BACKENDS).map(|i| lab.stop_server(i)).collect();
     for (i, s) in (1..=N_BACKENDS).zip(&served) {
         let name = backend_name(i);
         let got = |b: &Batch| b.replies.get(&name).copied().unwrap_or(0);

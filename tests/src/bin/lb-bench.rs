@@ -172,6 +172,7 @@ fn live_frames(dut_prog: &str, packet: &[u8], frames: u32) -> f64 {
         }
         let mut side = Datapath::load(LoadOptions {
             conn_table_capacity: 16,
+            pin_dir: None,
         })
         .expect("load");
         load_prog(&mut side, PROG_BENCH_SINK)
@@ -210,6 +211,7 @@ fn main() {
     let args = parse_args();
     let mut dp = Datapath::load(LoadOptions {
         conn_table_capacity: args.conn_capacity,
+        pin_dir: None,
     })
     .expect("load xdp_lb (run as root)");
     let mut spec = scenario::standard(10);

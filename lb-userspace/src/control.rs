@@ -1,0 +1,267 @@
+//! The control API between `lbctl` and `lbd`: one JSON request per line on
+//! a Unix socket, one JSON response line back. The types here are the
+//! whole protocol; both sides use them, so they cannot drift apart.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::IpAddr,
+    os::unix::net::UnixStream,
+    path::Path,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::AdminState,
+    model::{BackendState, ForwardingMode, HashMode},
+};
+
+/// A request to the agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    /// VIPs, backends, health, generations, attach mode.
+    Status,
+    /// Counters and rates.
+    Stats,
+    /// Re-read the config file; an invalid file changes nothing.
+    Reload,
+    /// Change one backend; written back to the config file.
+    Backend {
+        vip: String,
+        backend: IpAddr,
+        op: BackendOp,
+    },
+    /// Detach the XDP program: forwarding stops until `lbd` starts again.
+    DatapathDetach,
+}
+
+/// What `lbctl backend ...` does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum BackendOp {
+    /// Keep established flows, send no new ones.
+    Drain,
+    /// Back to active after a drain.
+    Undrain,
+    /// Send nothing.
+    Disable,
+    /// Back to active after a disable.
+    Enable,
+    /// New weight (0 takes no new flows).
+    SetWeight { weight: u32 },
+}
+
+impl BackendOp {
+    /// The admin state or weight this op sets in the config file.
+    pub const fn edit(self) -> crate::config::BackendEdit {
+        use crate::config::BackendEdit;
+        match self {
+            Self::Drain => BackendEdit::State(AdminState::Drain),
+            Self::Disable => BackendEdit::State(AdminState::Disabled),
+            Self::Undrain | Self::Enable => BackendEdit::State(AdminState::Active),
+            Self::SetWeight { weight } => BackendEdit::Weight(weight),
+        }
+    }
+}
+
+/// The agent's answer: `ok` with a payload, or an error for the operator.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub data: serde_json::Value,
+}
+
+impl Response {
+    /// A success carrying `data`.
+    pub fn ok<T: Serialize>(data: &T) -> Self {
+        match serde_json::to_value(data) {
+            Ok(data) => Self {
+                ok: true,
+                error: None,
+                data,
+            },
+            Err(e) => Self::err(format!("encoding the answer failed: {e}")),
+        }
+    }
+
+    /// A failure with a message.
+    pub fn err(message: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            error: Some(message.into()),
+            data: serde_json::Value::Null,
+        }
+    }
+}
+
+/// Result of a change (reload, backend op).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChangeReport {
+    /// Config generation now live.
+    pub generation: u64,
+    /// Whether anything changed in the data path.
+    pub changed: bool,
+    /// Time from request to the maps being written, in milliseconds.
+    pub apply_ms: f64,
+    pub summary: String,
+}
+
+/// `lbctl status`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub config_path: String,
+    /// Generation of the config the agent applied last.
+    pub generation: u64,
+    /// Generation the data path's own config map carries.
+    pub live_generation: u64,
+    pub interface: String,
+    pub attach_mode: String,
+    /// Whether this agent adopted pinned maps of an earlier one.
+    pub adopted: bool,
+    /// Differences between the kernel's maps and the applied plan (empty:
+    /// the data path does exactly what the config says).
+    pub verify_diffs: Vec<String>,
+    pub uptime_secs: u64,
+    pub vips: Vec<VipStatus>,
+    /// Recent events (changes, health transitions, alerts), newest last.
+    pub events: Vec<String>,
+}
+
+/// One VIP in `lbctl status`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VipStatus {
+    pub name: String,
+    pub vip: String,
+    pub mode: ForwardingMode,
+    pub hash: HashMode,
+    pub table_size: u32,
+    /// Digest of the table by backend address: equal on every node of a
+    /// fleet with the same config and seed.
+    pub fleet_digest: String,
+    /// Set while the health safety valve holds the last healthy set.
+    pub valve_alert: Option<String>,
+    pub backends: Vec<BackendStatus>,
+}
+
+/// One backend in `lbctl status`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendStatus {
+    pub address: IpAddr,
+    pub weight: u32,
+    pub admin: AdminState,
+    /// "up", "down", or "unchecked" (no health check).
+    pub health: String,
+    /// What the data path does with it.
+    pub state: BackendState,
+    /// Share of the VIP's lookup table (of new flows).
+    pub table_share: f64,
+    pub consecutive_ok: u32,
+    pub consecutive_fail: u32,
+    pub last_error: Option<String>,
+}
+
+/// `lbctl stats`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatsReport {
+    /// Seconds the rates are averaged over.
+    pub rate_window_secs: f64,
+    /// Global counters by name (outcomes and reasons).
+    pub counters: Vec<(String, u64)>,
+    pub vips: Vec<VipStats>,
+}
+
+/// Traffic of one VIP.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VipStats {
+    pub name: String,
+    pub vip: String,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub pps: f64,
+    pub bps: f64,
+    pub backends: Vec<BackendStats>,
+}
+
+/// Traffic of one backend.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendStats {
+    pub address: IpAddr,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub pps: f64,
+    pub bps: f64,
+    /// Share of the VIP's new flows since the agent started.
+    pub new_flow_share: f64,
+}
+
+/// Errors talking to the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "cannot reach lbd at {path}: {source} (is lbd running? is --socket right? are you root?)"
+    )]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("talking to lbd failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("lbd sent an answer this lbctl does not understand: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+/// Sends one request and waits (up to `timeout`) for the answer.
+pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Response, ClientError> {
+    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+        path: socket.display().to_string(),
+        source,
+    })?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer)?;
+    Ok(serde_json::from_str(&answer)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_as_one_json_line() {
+        let reqs = [
+            Request::Status,
+            Request::Reload,
+            Request::Backend {
+                vip: "web".into(),
+                backend: "198.18.1.1".parse().unwrap(),
+                op: BackendOp::SetWeight { weight: 7 },
+            },
+            Request::DatapathDetach,
+        ];
+        for r in reqs {
+            let s = serde_json::to_string(&r).unwrap();
+            assert!(!s.contains('\n'));
+            assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
+        }
+        let s = r#"{"cmd":"backend","vip":"web","backend":"2001:db8::1","op":{"op":"drain"}}"#;
+        assert!(matches!(
+            serde_json::from_str::<Request>(s).unwrap(),
+            Request::Backend {
+                op: BackendOp::Drain,
+                ..
+            }
+        ));
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"format-disk"}"#).is_err());
+    }
+}
