@@ -157,7 +157,7 @@ impl Default for Policy {
         Self {
             min_backends: 2,
             max_share_deviation: 0.02,
-            max_share_vs_even: 3.0,
+            max_share_vs_even: 2.0,
             max_flows_moved: 0.5,
             max_backends_removed: 1,
             min_approvals: 1,
@@ -1869,7 +1869,7 @@ min_backends = 2
 # Largest |predicted − expected| share of any backend after a change.
 max_share_deviation = 0.02
 # No backend may get more than this many times an even split of new flows.
-max_share_vs_even = 3.0
+max_share_vs_even = 2.0
 # Largest share of the flow space one change may move to other backends.
 max_flows_moved = 0.5
 # Most backends one change may remove or disable per VIP.

@@ -26,12 +26,18 @@ pub enum Request {
     /// Counters and rates.
     Stats,
     /// Re-read the config file; an invalid file changes nothing.
-    Reload,
+    Reload {
+        /// Apply even if the policy says no; the reason is recorded.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        force: Option<String>,
+    },
     /// Change one backend; written back to the config file.
     Backend {
         vip: String,
         backend: IpAddr,
         op: BackendOp,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        force: Option<String>,
     },
     /// Detach the XDP program: forwarding stops until `lbd` starts again.
     DatapathDetach,
@@ -109,6 +115,9 @@ pub struct ChangeReport {
     /// Time from request to the maps being written, in milliseconds.
     pub apply_ms: f64,
     pub summary: String,
+    /// Policy violations overridden with --force (empty normally).
+    #[serde(default)]
+    pub overridden: Vec<String>,
 }
 
 /// `lbctl status`.
@@ -241,11 +250,12 @@ mod tests {
     fn requests_round_trip_as_one_json_line() {
         let reqs = [
             Request::Status,
-            Request::Reload,
+            Request::Reload { force: None },
             Request::Backend {
                 vip: "web".into(),
                 backend: "198.18.1.1".parse().unwrap(),
                 op: BackendOp::SetWeight { weight: 7 },
+                force: Some("incident 42".into()),
             },
             Request::DatapathDetach,
         ];

@@ -10,6 +10,7 @@ pub mod health;
 pub mod maglev;
 pub mod model;
 pub mod plan;
+pub mod policy;
 
 /// The compiled XDP object (built by build.rs from `lb-ebpf`).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

@@ -139,7 +139,9 @@ pub struct PlannedVip {
     pub key: VipKey,
     pub meta: VipMeta,
     /// Lookup table: `meta.ring_size` backend ids (or `BACKEND_NONE`).
-    pub ring: Vec<u32>,
+    /// Shared: plans are cloned and compared often, tables are large and
+    /// unchanged tables are the same allocation (compared by pointer first).
+    pub ring: std::sync::Arc<[u32]>,
     /// [`maglev::table_digest`] of `ring` (backend ids): detects a change
     /// of the table this node must write.
     pub ring_digest: u64,
@@ -147,6 +149,10 @@ pub struct PlannedVip {
     /// with different histories): equal on every node with the same config
     /// and seed, for comparing nodes of a fleet.
     pub fleet_digest: u64,
+    /// What the table was built from (backend address, weight given to
+    /// Maglev, id) and the seed: a later plan with the same input reuses
+    /// the table instead of rebuilding it.
+    pub table_input: (Vec<(IpAddr, u32, u32)>, u32),
 }
 
 /// One backend of one VIP.
@@ -236,6 +242,31 @@ fn global_config(spec: &DataplaneSpec) -> GlobalConfig {
 
 /// Plans the maps for `spec`, reusing the ids of `previous`.
 pub fn plan(spec: &DataplaneSpec, previous: &IdAllocator) -> Result<MapPlan, PlanError> {
+    plan_reusing(spec, previous, None)
+}
+
+/// Plans `spec` as the successor of the applied plan `prev`: ids from its
+/// allocator, and every VIP whose table input is unchanged keeps its table
+/// without rebuilding it (a change to one VIP of a large config costs one
+/// Maglev build, not one per VIP). The result equals `plan(spec,
+/// &prev.allocator)`.
+pub fn plan_next(spec: &DataplaneSpec, prev: &MapPlan) -> Result<MapPlan, PlanError> {
+    plan_reusing(spec, &prev.allocator, Some(prev))
+}
+
+fn plan_reusing(
+    spec: &DataplaneSpec,
+    previous: &IdAllocator,
+    reuse: Option<&MapPlan>,
+) -> Result<MapPlan, PlanError> {
+    let tables: BTreeMap<(VipId, u32), &PlannedVip> = reuse
+        .map(|p| {
+            p.vips
+                .iter()
+                .map(|v| ((v.vip, v.meta.ring_size), v))
+                .collect()
+        })
+        .unwrap_or_default();
     let mut alloc = previous.clone();
     let mut seen = BTreeSet::new();
     let mut vips = Vec::with_capacity(spec.vips.len());
@@ -247,7 +278,8 @@ pub fn plan(spec: &DataplaneSpec, previous: &IdAllocator) -> Result<MapPlan, Pla
         if !seen.insert(id) {
             return Err(PlanError::DuplicateVip { vip: id });
         }
-        let planned = plan_vip(vip, spec.hash_seed, &mut alloc, &mut backends)?;
+        let old = tables.get(&(id, vip.table_size)).copied();
+        let planned = plan_vip(vip, spec.hash_seed, &mut alloc, &mut backends, old)?;
         used_vips.insert(planned.meta.vip_id);
         vips.push(planned);
     }
@@ -263,11 +295,13 @@ pub fn plan(spec: &DataplaneSpec, previous: &IdAllocator) -> Result<MapPlan, Pla
     })
 }
 
+#[allow(clippy::too_many_lines)]
 fn plan_vip(
     vip: &VipSpec,
     seed: u32,
     alloc: &mut IdAllocator,
     backends: &mut Vec<PlannedBackend>,
+    old: Option<&PlannedVip>,
 ) -> Result<PlannedVip, PlanError> {
     let id = vip.id();
     if vip.port == 0 {
@@ -346,8 +380,20 @@ fn plan_vip(
             },
         });
     }
-    let ring = maglev::build_table(&maglev_input, vip.table_size, seed)
-        .map_err(|source| PlanError::Maglev { vip: id, source })?;
+    let table_input = (
+        maglev_input
+            .iter()
+            .map(|m| (m.identity.addr, m.weight, m.id))
+            .collect::<Vec<_>>(),
+        seed,
+    );
+    let reused = old.filter(|o| o.table_input == table_input);
+    let ring = match reused {
+        Some(o) => o.ring.clone(),
+        None => maglev::build_table(&maglev_input, vip.table_size, seed)
+            .map_err(|source| PlanError::Maglev { vip: id, source })?
+            .into(),
+    };
     let mut flags = 0;
     if vip.mode == ForwardingMode::Ipip {
         flags |= VIP_F_IPIP;
@@ -364,9 +410,13 @@ fn plan_vip(
             flags,
             _pad: 0,
         },
-        ring_digest: maglev::table_digest(&ring),
-        fleet_digest: fleet_digest(&ring, &backends[first_backend..]),
+        ring_digest: reused.map_or_else(|| maglev::table_digest(&ring), |o| o.ring_digest),
+        fleet_digest: reused.map_or_else(
+            || fleet_digest(&ring, &backends[first_backend..]),
+            |o| o.fleet_digest,
+        ),
         ring,
+        table_input,
     })
 }
 
@@ -435,7 +485,8 @@ mod tests {
     };
 
     use super::{
-        IdAllocator, MapPlan, PlanError, PlannedBackend, PlannedVip, addr_words, plan, port_wire,
+        IdAllocator, MapPlan, PlanError, PlannedBackend, PlannedVip, addr_words, plan, plan_next,
+        port_wire,
     };
     use crate::model::{
         BackendSpec, BackendState, DataplaneSpec, ForwardingMode, HashMode, Ipv4Prefix, Ipv6Prefix,
@@ -566,6 +617,32 @@ mod tests {
             vip_ids(&p1).into_values().collect::<BTreeSet<_>>(),
             (0..2).collect()
         );
+    }
+
+    #[test]
+    fn plan_next_reuses_unchanged_tables_and_equals_a_full_plan() {
+        let s1 = two_vips();
+        let p1 = first(&s1);
+        let mut s2 = s1.clone();
+        s2.vips[1].backends[0].weight += 7;
+        s2.vips.push(vip(
+            "192.0.2.99",
+            53,
+            Protocol::Udp,
+            vec![backend("10.0.9.1", 1), backend("10.0.9.2", 3)],
+        ));
+        let full = plan(&s2, &p1.allocator).unwrap();
+        let next = plan_next(&s2, &p1).unwrap();
+        assert_eq!(next, full);
+        // The unchanged VIP's table came from p1, the changed one is new.
+        assert_eq!(next.vips[0].ring_digest, p1.vips[0].ring_digest);
+        assert_ne!(next.vips[1].ring_digest, p1.vips[1].ring_digest);
+        // A seed change rebuilds everything.
+        let mut s3 = s2.clone();
+        s3.hash_seed ^= 1;
+        let next3 = plan_next(&s3, &next).unwrap();
+        assert_eq!(next3, plan(&s3, &next.allocator).unwrap());
+        assert_ne!(next3.vips[0].ring_digest, next.vips[0].ring_digest);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 use std::{
     fmt::Write as _,
     net::IpAddr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Output, Stdio},
     sync::{
         OnceLock,
@@ -38,12 +38,14 @@ pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
         let exe = std::env::current_exe().expect("current_exe");
-        // target/<profile>/deps/<test> → target/<profile>
-        let dir = exe
+        // target/<profile>/deps/<test> or target/<profile>/<bin> → target/<profile>
+        let mut dir = exe
             .parent()
-            .and_then(Path::parent)
-            .expect("test binary lives in target/<profile>/deps")
+            .expect("executable has a directory")
             .to_path_buf();
+        if dir.file_name().is_some_and(|n| n == "deps") {
+            dir.pop();
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "-q", "-p", "lb-userspace", "--bins"]);

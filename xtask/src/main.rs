@@ -32,7 +32,8 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Benchmarks of the compiled XDP program; writes bench-results/results.{json,md}.
+    /// Benchmarks of the compiled XDP program (bench-results/results.{json,md}) and of
+    /// config updates (bench-results/update.{json,md}).
     /// Needs root.
     Bench {
         /// Runs per class (the median is reported).
@@ -142,6 +143,20 @@ fn main() -> anyhow::Result<()> {
                         "--out",
                         "bench-results",
                     ]),
+            )?;
+            run(
+                "update-latency benchmark",
+                cargo().args([
+                    "run",
+                    "--release",
+                    "-p",
+                    "lb-tests",
+                    "--bin",
+                    "lb-bench-update",
+                    "--",
+                    "--out",
+                    "bench-results",
+                ]),
             )
         }
         Task::Demo => {

@@ -9,6 +9,7 @@
 //! the config file. A failure anywhere leaves the live config and the data
 //! path exactly as they were.
 
+pub mod history;
 pub mod metrics;
 pub mod report;
 pub mod server;
@@ -31,10 +32,98 @@ use crate::{
     health::{self, Health, Monitor, ProbeResult, Target, Tracker},
     model::{BackendState, VipId},
     plan::{self, IdAllocator, MapPlan},
+    policy,
 };
 
 /// A backend of a VIP, as health checks and the valve know it.
 pub type BackendKey = (VipId, IpAddr);
+
+/// Per VIP, the backends health lets serve.
+pub type ServeSets = BTreeMap<VipId, BTreeSet<IpAddr>>;
+
+/// Whether a change must pass the policy.
+#[derive(Clone, Debug)]
+pub enum Gate {
+    /// Operator changes: refused when the policy fails, unless forced
+    /// with a reason (recorded).
+    Policy { force: Option<String> },
+    /// Health transitions: the safety valve governs them, not the policy.
+    Health,
+}
+
+/// Where a change comes from, for the history.
+#[derive(Clone, Debug, Default)]
+pub struct Origin {
+    /// start, reload, backend, apply, rollback, health, undo.
+    pub kind: &'static str,
+    pub actor: String,
+    pub reason: String,
+    pub plan_digest: Option<String>,
+    pub approvals: Vec<history::Approval>,
+    pub restored: Option<u64>,
+}
+
+impl Origin {
+    pub fn new(kind: &'static str, actor: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            kind,
+            actor: actor.into(),
+            reason: reason.into(),
+            ..Self::default()
+        }
+    }
+
+    fn describe(&self) -> String {
+        if self.reason.is_empty() {
+            self.kind.to_owned()
+        } else {
+            format!("{} ({})", self.kind, self.reason)
+        }
+    }
+}
+
+/// Human lines of what a verdict says changed.
+pub fn diff_lines(v: &policy::Verdict) -> Vec<String> {
+    v.vips
+        .iter()
+        .filter(|x| x.change != policy::Change::Unchanged)
+        .map(|x| {
+            let shares: Vec<String> = x
+                .backends
+                .iter()
+                .map(|b| match b.before {
+                    Some(before) if (before - b.after).abs() > 1e-9 => format!(
+                        "{} {:.1}% → {:.1}%",
+                        b.address,
+                        before * 100.0,
+                        b.after * 100.0
+                    ),
+                    Some(_) => format!("{} {:.1}%", b.address, b.after * 100.0),
+                    None => format!("{} new {:.1}%", b.address, b.after * 100.0),
+                })
+                .collect();
+            format!(
+                "{} {} {:?}: {}; {:.1}% of flows move",
+                x.name,
+                x.vip,
+                x.change,
+                shares.join(", "),
+                x.moved * 100.0
+            )
+            .to_lowercase()
+        })
+        .collect()
+}
+
+/// A planned change, not yet written.
+pub struct Prepared {
+    serve: ServeSets,
+    alerts: BTreeMap<VipId, String>,
+    spec: crate::model::DataplaneSpec,
+    before: IdAllocator,
+    pub planned: MapPlan,
+    pub verdict: policy::Verdict,
+}
 
 /// Why the agent could not do something. Every variant leaves the live
 /// config and the data path as they were.
@@ -48,6 +137,8 @@ pub enum AgentError {
     Datapath(#[from] DatapathError),
     #[error("{0}")]
     Io(String),
+    #[error("refused by policy, nothing changed:\n  {}\n(fix the change, or override with --force --reason \"...\"; overrides are recorded)", .0.join("\n  "))]
+    Policy(Vec<String>),
     #[error("the data path is detached (`lbctl datapath detach`); restart lbd to attach again")]
     Detached,
 }
@@ -124,7 +215,13 @@ impl Agent {
             } else {
                 agent.generation + 1
             };
-        agent.apply(config, source, generation, "start")?;
+        agent.apply(
+            config,
+            source,
+            generation,
+            &Origin::new("start", "lbd", ""),
+            &Gate::Policy { force: None },
+        )?;
         agent.attach()?;
         Ok(agent)
     }
@@ -223,8 +320,9 @@ impl Agent {
         }
     }
 
-    /// Which backends health (after the safety valve) lets serve, per VIP.
-    fn serve_sets(&mut self, cfg: &Config) -> BTreeMap<VipId, BTreeSet<IpAddr>> {
+    /// Which backends health (after the safety valve) lets serve, per VIP,
+    /// and the VIPs whose valve is holding (with the reason).
+    fn serve_sets(&self, cfg: &Config) -> (ServeSets, BTreeMap<VipId, String>) {
         let mut out = BTreeMap::new();
         let mut alerts = BTreeMap::new();
         for vip in &cfg.vips {
@@ -265,42 +363,110 @@ impl Agent {
             );
             out.insert(id, serve);
         }
-        for (id, reason) in &alerts {
-            if self.valve_alerts.get(id) != Some(reason) {
-                tracing::warn!("VIP {id}: safety valve: {reason}");
-                self.event(&format!("ALERT VIP {id}: safety valve: {reason}"));
-            }
-        }
-        for id in self.valve_alerts.keys() {
-            if !alerts.contains_key(id) {
-                tracing::info!("VIP {id}: safety valve released");
-            }
-        }
-        self.valve_alerts = alerts;
-        out
+        (out, alerts)
     }
 
-    /// Plans `cfg` and writes it; on success makes it the live config.
+    /// Plans `cfg` at `generation` against what is live (nothing written).
+    pub fn prepare(&self, cfg: &Config, generation: u64) -> Result<Prepared, AgentError> {
+        let (serve, alerts) = self.serve_sets(cfg);
+        let spec = cfg.dataplane_spec(generation, &|v: &VipConfig, b| {
+            serve.get(&v.id()).is_none_or(|s| s.contains(&b.address))
+        });
+        let (before, planned) = match self.datapath.applied() {
+            Some(prev) => (prev.allocator.clone(), plan::plan_next(&spec, prev)?),
+            None => (
+                self.base_allocator.clone(),
+                plan::plan(&spec, &self.base_allocator)?,
+            ),
+        };
+        let verdict = policy::evaluate(self.datapath.applied(), &planned, cfg);
+        Ok(Prepared {
+            serve,
+            alerts,
+            spec,
+            before,
+            planned,
+            verdict,
+        })
+    }
+
+    /// Plans and (if the gate allows) writes `cfg`; on success it is live.
     fn apply(
         &mut self,
         cfg: Config,
         source: String,
         generation: u64,
-        why: &str,
+        origin: &Origin,
+        gate: &Gate,
     ) -> Result<ChangeReport, AgentError> {
         if self.detached {
             return Err(AgentError::Detached);
         }
+        let why = origin.describe();
         let t0 = Instant::now();
-        let serve = self.serve_sets(&cfg);
-        let spec = cfg.dataplane_spec(generation, &|v: &VipConfig, b| {
-            serve.get(&v.id()).is_none_or(|s| s.contains(&b.address))
-        });
-        let before = self
-            .datapath
-            .applied()
-            .map_or_else(|| self.base_allocator.clone(), |p| p.allocator.clone());
-        let planned = plan::plan(&spec, &before)?;
+        let prepared = self.prepare(&cfg, generation)?;
+        let mut overridden = Vec::new();
+        if let Gate::Policy { force } = gate
+            && !prepared.verdict.passed()
+        {
+            let Some(reason) = force else {
+                self.event(&format!(
+                    "{why} refused by policy: {}",
+                    prepared.verdict.violations.join("; ")
+                ));
+                return Err(AgentError::Policy(prepared.verdict.violations));
+            };
+            overridden.clone_from(&prepared.verdict.violations);
+            self.event(&format!(
+                "policy overridden ({reason}): {}",
+                overridden.join("; ")
+            ));
+        }
+        let diff = diff_lines(&prepared.verdict);
+        let report = self.commit(prepared, cfg, source, generation, &why, t0, overridden)?;
+        if matches!(gate, Gate::Policy { .. }) {
+            let rec = history::Record {
+                seq: 0,
+                at_unix: history::now_unix(),
+                kind: origin.kind.into(),
+                generation,
+                actor: origin.actor.clone(),
+                reason: origin.reason.clone(),
+                summary: report.summary.clone(),
+                diff,
+                plan_digest: origin.plan_digest.clone(),
+                approvals: origin.approvals.clone(),
+                overridden: report.overridden.clone(),
+                restored: origin.restored,
+                config_digest: format!("{:016x}", state::digest(&self.source)),
+            };
+            if let Err(e) = history::append(&self.config.agent.state_dir, rec) {
+                tracing::error!("appending to the history failed: {e}");
+            }
+        }
+        Ok(report)
+    }
+
+    /// Writes a prepared plan and makes `cfg` the live config.
+    #[allow(clippy::too_many_arguments)]
+    fn commit(
+        &mut self,
+        prepared: Prepared,
+        cfg: Config,
+        source: String,
+        generation: u64,
+        why: &str,
+        t0: Instant,
+        overridden: Vec<String>,
+    ) -> Result<ChangeReport, AgentError> {
+        let Prepared {
+            serve,
+            alerts,
+            spec,
+            before,
+            planned,
+            verdict: _,
+        } = prepared;
         let changed = self.datapath.applied() != Some(&planned);
         if changed {
             let fresh = self.datapath.applied().is_none() && self.datapath.adopted();
@@ -344,6 +510,27 @@ impl Agent {
                 " (no data-path change)"
             }
         );
+        for (id, reason) in &alerts {
+            if self.valve_alerts.get(id) != Some(reason) {
+                tracing::warn!("VIP {id}: safety valve: {reason}");
+                self.event(&format!("ALERT VIP {id}: safety valve: {reason}"));
+            }
+        }
+        let released: Vec<VipId> = self
+            .valve_alerts
+            .keys()
+            .filter(|id| !alerts.contains_key(id))
+            .copied()
+            .collect();
+        for id in released {
+            self.event(&format!("VIP {id}: safety valve released"));
+        }
+        self.valve_alerts = alerts;
+        if generation != self.generation
+            && let Err(e) = history::save_generation(&cfg.agent.state_dir, generation, &source)
+        {
+            tracing::error!("saving generation {generation}'s config failed: {e}");
+        }
         self.generation = generation;
         self.config = cfg;
         self.source = source;
@@ -354,6 +541,7 @@ impl Agent {
             changed,
             apply_ms,
             summary,
+            overridden,
         })
     }
 
@@ -404,14 +592,24 @@ impl Agent {
             t.from, t.to, t.reason
         ));
         let (cfg, source, generation) = (self.config.clone(), self.source.clone(), self.generation);
-        if let Err(e) = self.apply(cfg, source, generation, "health change") {
+        if let Err(e) = self.apply(
+            cfg,
+            source,
+            generation,
+            &Origin::new("health", "lbd", ""),
+            &Gate::Health,
+        ) {
             tracing::error!("applying a health change failed: {e}");
             self.event(&format!("health change not applied: {e}"));
         }
     }
 
     /// Re-reads the config file. An invalid file changes nothing.
-    pub fn reload(&mut self, why: &str) -> Result<ChangeReport, AgentError> {
+    pub fn reload(
+        &mut self,
+        origin: &Origin,
+        force: Option<String>,
+    ) -> Result<ChangeReport, AgentError> {
         let (cfg, source) = config::load(&self.opts.config_path, HostChecks::Yes)
             .inspect_err(|e| self.event(&format!("reload rejected: {}", first_line(e))))?;
         if cfg.agent != self.config.agent {
@@ -426,7 +624,7 @@ impl Agent {
         } else {
             self.generation + 1
         };
-        self.apply(cfg, source, generation, why)
+        self.apply(cfg, source, generation, origin, &Gate::Policy { force })
     }
 
     /// `lbctl backend ...`: edits the config text, applies it, then writes
@@ -436,6 +634,8 @@ impl Agent {
         vip: &str,
         backend: IpAddr,
         op: BackendOp,
+        force: Option<String>,
+        actor: &str,
     ) -> Result<ChangeReport, AgentError> {
         let file = self.opts.config_path.display().to_string();
         let text = config::edit_backend(&self.source, vip, backend, op.edit())?;
@@ -445,11 +645,22 @@ impl Agent {
             cfg,
             text.clone(),
             self.generation + 1,
-            &format!("{op:?} {vip} {backend}"),
+            &Origin::new(
+                "backend",
+                actor,
+                format!("{op:?} {vip} {backend}").to_lowercase(),
+            ),
+            &Gate::Policy { force },
         )?;
         if let Err(e) = state::write_atomic(&self.opts.config_path, text.as_bytes()) {
             // Undo: the file is the source of truth for restarts.
-            let undo = self.apply(old.0, old.1, old.2 + 2, "undo (config file not writable)");
+            let undo = self.apply(
+                old.0,
+                old.1,
+                old.2 + 2,
+                &Origin::new("undo", "lbd", "config file not writable"),
+                &Gate::Health,
+            );
             return Err(AgentError::Io(format!(
                 "writing {file} failed ({e}); the change was undone{}",
                 undo.err()

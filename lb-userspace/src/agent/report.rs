@@ -19,7 +19,7 @@ pub fn table_shares(plan: &MapPlan) -> BTreeMap<u32, f64> {
     let mut out = BTreeMap::new();
     for v in &plan.vips {
         let mut counts: BTreeMap<u32, u64> = BTreeMap::new();
-        for id in &v.ring {
+        for id in v.ring.iter() {
             *counts.entry(*id).or_default() += 1;
         }
         let n = v.ring.len().max(1) as f64;

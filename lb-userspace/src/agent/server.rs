@@ -100,7 +100,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         tokio::select! {
             _ = hup.recv() => {
                 let mut a = agent.lock().await;
-                match tokio::task::block_in_place(|| a.reload("SIGHUP reload")) {
+                match tokio::task::block_in_place(|| a.reload(&super::Origin::new("reload", "SIGHUP", ""), None)) {
                     Ok(r) => tracing::info!("reload: {}", r.summary),
                     Err(e) => tracing::error!("reload rejected, running config unchanged: {e}"),
                 }
@@ -184,11 +184,19 @@ pub async fn handle(req: Request, agent: &Shared) -> Response {
             Ok(now) => Response::ok(&report::stats(&a, &now)),
             Err(e) => Response::err(format!("reading counters: {e}")),
         },
-        Request::Reload => match a.reload("lbctl reload") {
+        Request::Reload { force } => match a.reload(
+            &super::Origin::new("reload", "lbctl", force.clone().unwrap_or_default()),
+            force,
+        ) {
             Ok(r) => Response::ok(&r),
             Err(e) => Response::err(e.to_string()),
         },
-        Request::Backend { vip, backend, op } => match a.backend_op(&vip, backend, op) {
+        Request::Backend {
+            vip,
+            backend,
+            op,
+            force,
+        } => match a.backend_op(&vip, backend, op, force, "lbctl") {
             Ok(r) => Response::ok(&r),
             Err(e) => Response::err(e.to_string()),
         },

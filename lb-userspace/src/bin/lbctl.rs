@@ -56,8 +56,12 @@ enum Cmd {
     Status,
     /// Per-VIP and per-backend packets, bytes, rates; drops by reason.
     Stats,
-    /// Make lbd re-read its config file (an invalid file changes nothing).
-    Reload,
+    /// Make lbd re-read its config file (an invalid file, or one the policy
+    /// refuses, changes nothing).
+    Reload {
+        #[command(flatten)]
+        force: Force,
+    },
     /// Change one backend of a VIP; the change is written back to lbd's config file.
     Backend {
         #[command(subcommand)]
@@ -88,12 +92,31 @@ enum BackendCmd {
     },
 }
 
+/// Overriding the policy.
+#[derive(clap::Args)]
+struct Force {
+    /// Apply even if the policy refuses the change (needs --reason; recorded).
+    #[arg(long, requires = "reason")]
+    force: bool,
+    /// Why the policy is overridden (recorded in the history).
+    #[arg(long, requires = "force")]
+    reason: Option<String>,
+}
+
+impl Force {
+    fn reason(self) -> Option<String> {
+        self.force.then_some(self.reason).flatten()
+    }
+}
+
 #[derive(clap::Args)]
 struct Target {
     /// VIP name, or address:port/protocol (e.g. 198.18.0.10:80/tcp).
     vip: String,
     /// Backend address.
     backend: IpAddr,
+    #[command(flatten)]
+    force: Force,
 }
 
 #[derive(Subcommand)]
@@ -112,7 +135,9 @@ fn main() -> ExitCode {
         Cmd::Validate { file, offline } => return validate(&file, offline, cli.output),
         Cmd::Status => Request::Status,
         Cmd::Stats => Request::Stats,
-        Cmd::Reload => Request::Reload,
+        Cmd::Reload { force } => Request::Reload {
+            force: force.reason(),
+        },
         Cmd::Backend { op } => {
             let (t, op) = match op {
                 BackendCmd::Drain(t) => (t, BackendOp::Drain),
@@ -127,6 +152,7 @@ fn main() -> ExitCode {
                 vip: t.vip,
                 backend: t.backend,
                 op,
+                force: t.force.reason(),
             }
         }
         Cmd::Datapath {
@@ -165,9 +191,8 @@ fn main() -> ExitCode {
         Request::Stats => {
             serde_json::from_value::<StatsReport>(resp.data).map(|s| render_stats(&s))
         }
-        Request::Reload | Request::Backend { .. } => {
-            serde_json::from_value::<ChangeReport>(resp.data)
-                .map(|c| format!("{} (maps written in {:.1} ms)", c.summary, c.apply_ms))
+        Request::Reload { .. } | Request::Backend { .. } => {
+            serde_json::from_value::<ChangeReport>(resp.data).map(|c| render_change(&c))
         }
         Request::DatapathDetach => {
             Ok("detached: forwarding stopped; restart lbd to attach again".into())
@@ -226,6 +251,18 @@ fn validate(file: &std::path::Path, offline: bool, output: Output) -> ExitCode {
             ExitCode::from(EX_USAGE)
         }
     }
+}
+
+fn render_change(c: &ChangeReport) -> String {
+    let mut o = format!("{} (maps written in {:.1} ms)", c.summary, c.apply_ms);
+    if !c.overridden.is_empty() {
+        o.push_str("\npolicy overridden (recorded):");
+        for v in &c.overridden {
+            o.push_str("\n  - ");
+            o.push_str(v);
+        }
+    }
+    o
 }
 
 fn render_status(s: &StatusReport) -> String {
