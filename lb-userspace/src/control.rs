@@ -41,6 +41,87 @@ pub enum Request {
     },
     /// Detach the XDP program: forwarding stops until `lbd` starts again.
     DatapathDetach,
+    /// Compare a candidate config with the live one (nothing changes).
+    Plan {
+        /// The candidate config text.
+        source: String,
+        /// Its file name (for error messages).
+        file: String,
+        author: String,
+    },
+    /// Record a review of a plan.
+    Approve {
+        plan: PlanDoc,
+        reviewer: String,
+        #[serde(default)]
+        comment: String,
+    },
+    /// Apply exactly the reviewed plan.
+    Apply {
+        plan: PlanDoc,
+        actor: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        force: Option<String>,
+    },
+    /// Restore an earlier generation's config (default: the one before the
+    /// live one); itself a recorded change.
+    Rollback {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        generation: Option<u64>,
+        actor: String,
+        #[serde(default)]
+        reason: String,
+    },
+    /// The change history.
+    History,
+}
+
+/// A reviewed change: the candidate config text, what it was planned
+/// against, and what it will do. `digest` covers everything an approval
+/// vouches for; the agent keeps the digests it issued, so an edited plan
+/// file is refused.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlanDoc {
+    pub version: u32,
+    pub digest: String,
+    pub author: String,
+    pub created_unix: u64,
+    pub file: String,
+    /// Live generation and config digest the plan was made against.
+    pub base_generation: u64,
+    pub base_config_digest: String,
+    /// The candidate config text that `apply` will make live.
+    pub source: String,
+    pub verdict: crate::policy::Verdict,
+    /// Human lines of what changes.
+    pub diff: Vec<String>,
+    /// Approvals needed (the live policy's `min_approvals`).
+    pub min_approvals: u32,
+}
+
+impl PlanDoc {
+    /// The digest of the fields an approval vouches for.
+    pub fn compute_digest(&self) -> String {
+        let text = format!(
+            "v{}\n{}\n{}\n{}\n{}\n{}\n{}",
+            self.version,
+            self.author,
+            self.created_unix,
+            self.file,
+            self.base_generation,
+            self.base_config_digest,
+            self.source
+        );
+        format!("{:016x}", crate::agent::state::digest(&text))
+    }
+}
+
+/// Result of `approve`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ApproveReport {
+    pub digest: String,
+    pub approvals: Vec<crate::agent::history::Approval>,
+    pub needed: u32,
 }
 
 /// What `lbctl backend ...` does.
@@ -112,7 +193,9 @@ pub struct ChangeReport {
     pub generation: u64,
     /// Whether anything changed in the data path.
     pub changed: bool,
-    /// Time from request to the maps being written, in milliseconds.
+    /// Request → maps written (live on every CPU), in milliseconds.
+    pub live_ms: f64,
+    /// Request → state, history and config file written, in milliseconds.
     pub apply_ms: f64,
     pub summary: String,
     /// Policy violations overridden with --force (empty normally).
@@ -139,6 +222,9 @@ pub struct StatusReport {
     pub vips: Vec<VipStatus>,
     /// Recent events (changes, health transitions, alerts), newest last.
     pub events: Vec<String>,
+    /// The guard watching the last change, if any.
+    #[serde(default)]
+    pub guard: Option<String>,
 }
 
 /// One VIP in `lbctl status`.

@@ -11,6 +11,7 @@ pub mod maglev;
 pub mod model;
 pub mod plan;
 pub mod policy;
+pub mod simulate;
 
 /// The compiled XDP object (built by build.rs from `lb-ebpf`).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

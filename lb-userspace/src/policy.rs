@@ -77,41 +77,49 @@ impl Verdict {
     }
 }
 
+/// Backend address by id for one VIP (ids index a vector: lookups are
+/// per slot, 65537 per table).
+fn id_addresses(plan: &MapPlan, v: &PlannedVip) -> Vec<Option<IpAddr>> {
+    let mut out = vec![None; lb_common::MAX_BACKENDS as usize];
+    for b in plan.backends.iter().filter(|b| b.vip == v.vip) {
+        if let Some(slot) = out.get_mut(b.id as usize) {
+            *slot = Some(b.address);
+        }
+    }
+    out
+}
+
+fn addr_of(ids: &[Option<IpAddr>], id: u32) -> Option<IpAddr> {
+    ids.get(id as usize).copied().flatten()
+}
+
 /// Shares of each backend address in one VIP's table.
-fn table_shares(plan: &MapPlan, v: &PlannedVip) -> BTreeMap<IpAddr, f64> {
-    let addr: BTreeMap<u32, IpAddr> = plan
-        .backends
-        .iter()
-        .filter(|b| b.vip == v.vip)
-        .map(|b| (b.id, b.address))
-        .collect();
-    let mut counts: BTreeMap<IpAddr, u64> = BTreeMap::new();
-    for id in v.ring.iter() {
-        if let Some(a) = addr.get(id) {
-            *counts.entry(*a).or_default() += 1;
+fn table_shares(ids: &[Option<IpAddr>], v: &PlannedVip) -> BTreeMap<IpAddr, f64> {
+    let mut counts = vec![0u32; ids.len()];
+    for &id in v.ring.iter() {
+        if let Some(c) = counts.get_mut(id as usize) {
+            *c += 1;
         }
     }
     let n = v.ring.len().max(1) as f64;
-    counts.into_iter().map(|(a, c)| (a, c as f64 / n)).collect()
-}
-
-/// Backend address of every slot of a VIP's table.
-fn slot_addresses(plan: &MapPlan, v: &PlannedVip) -> Vec<Option<IpAddr>> {
-    let addr: BTreeMap<u32, IpAddr> = plan
-        .backends
+    counts
         .iter()
-        .filter(|b| b.vip == v.vip)
-        .map(|b| (b.id, b.address))
-        .collect();
-    v.ring.iter().map(|id| addr.get(id).copied()).collect()
+        .enumerate()
+        .filter(|(_, c)| **c > 0)
+        .filter_map(|(id, c)| addr_of(ids, id as u32).map(|a| (a, f64::from(*c) / n)))
+        .collect()
 }
 
 /// Fraction of the flow space that lands on another backend. Same size:
 /// slot by slot (exact); different sizes: 65536 evenly spread hashes.
-fn moved_fraction(prev: &MapPlan, old: &PlannedVip, next: &MapPlan, new: &PlannedVip) -> f64 {
+fn moved_fraction(
+    old_ids: &[Option<IpAddr>],
+    old: &PlannedVip,
+    new_ids: &[Option<IpAddr>],
+    new: &PlannedVip,
+) -> f64 {
     const SAMPLES: u32 = 65536;
-    let sa = slot_addresses(prev, old);
-    let sb = slot_addresses(next, new);
+    let (sa, sb) = (&old.ring, &new.ring);
     if sa.is_empty() || sb.is_empty() {
         return if sa.is_empty() && sb.is_empty() {
             0.0
@@ -120,21 +128,27 @@ fn moved_fraction(prev: &MapPlan, old: &PlannedVip, next: &MapPlan, new: &Planne
         };
     }
     if sa.len() == sb.len() {
-        let moved = sa.iter().zip(&sb).filter(|(x, y)| x != y).count();
+        let moved = sa
+            .iter()
+            .zip(sb.iter())
+            .filter(|&(&x, &y)| addr_of(old_ids, x) != addr_of(new_ids, y))
+            .count();
         return moved as f64 / sa.len() as f64;
     }
     let step = u32::MAX / SAMPLES;
     let moved = (0..SAMPLES)
         .filter(|i| {
             let hash = i * step;
-            sa[lb_common::ring_slot(hash, sa.len() as u32) as usize]
-                != sb[lb_common::ring_slot(hash, sb.len() as u32) as usize]
+            let x = sa[lb_common::ring_slot(hash, sa.len() as u32) as usize];
+            let y = sb[lb_common::ring_slot(hash, sb.len() as u32) as usize];
+            addr_of(old_ids, x) != addr_of(new_ids, y)
         })
         .count();
     moved as f64 / f64::from(SAMPLES)
 }
 
 /// Evaluates `next` (the plan of `cfg`) against `prev` (what is live).
+#[allow(clippy::too_many_lines)]
 pub fn evaluate(prev: Option<&MapPlan>, next: &MapPlan, cfg: &Config) -> Verdict {
     let p = &cfg.policy;
     let names: BTreeMap<VipId, &str> = cfg.vips.iter().map(|v| (v.id(), v.name.as_str())).collect();
@@ -149,9 +163,19 @@ pub fn evaluate(prev: Option<&MapPlan>, next: &MapPlan, cfg: &Config) -> Verdict
         let name = names.get(&v.vip).copied().unwrap_or("?");
         let label = format!("VIP {name} ({})", v.vip);
         let before_plan = prev_vips.get(&v.vip).copied();
-        let after = table_shares(next, v);
-        let before = match (prev, before_plan) {
-            (Some(pl), Some(b)) => Some(table_shares(pl, b)),
+        let new_ids = id_addresses(next, v);
+        let old_ids = match (prev, before_plan) {
+            (Some(pl), Some(b)) => Some(id_addresses(pl, b)),
+            _ => None,
+        };
+        let after = table_shares(&new_ids, v);
+        // Same table, same owners: nothing to recount.
+        let same = before_plan.is_some_and(|b| {
+            std::sync::Arc::ptr_eq(&b.ring, &v.ring) && old_ids.as_ref() == Some(&new_ids)
+        });
+        let before = match (&old_ids, before_plan) {
+            _ if same => Some(after.clone()),
+            (Some(ids), Some(b)) => Some(table_shares(ids, b)),
             _ => None,
         };
         let members: Vec<_> = next.backends.iter().filter(|b| b.vip == v.vip).collect();
@@ -184,8 +208,9 @@ pub fn evaluate(prev: Option<&MapPlan>, next: &MapPlan, cfg: &Config) -> Verdict
             .iter()
             .map(|b| (b.after - b.expected).abs())
             .fold(0.0, f64::max);
-        let moved = match (prev, before_plan) {
-            (Some(pl), Some(b)) => moved_fraction(pl, b, next, v),
+        let moved = match (&old_ids, before_plan) {
+            _ if same => 0.0,
+            (Some(ids), Some(b)) => moved_fraction(ids, b, &new_ids, v),
             _ => 0.0,
         };
         let change = match before_plan {

@@ -68,6 +68,7 @@ pub struct LabConfig {
     pub rise: u32,
     pub fall: u32,
     pub max_unhealthy_share: f64,
+    pub min_approvals: u32,
     /// Extra `[policy]` lines.
     pub policy_extra: String,
 }
@@ -80,6 +81,7 @@ impl Default for LabConfig {
             rise: 2,
             fall: 3,
             max_unhealthy_share: 0.5,
+            min_approvals: 0,
             policy_extra: String::new(),
         }
     }
@@ -128,8 +130,8 @@ impl Lbd {
         );
         let _ = writeln!(
             t,
-            "[policy]\nmin_backends = 1\nmin_approvals = 0\nmax_unhealthy_share = {}\n{}",
-            c.max_unhealthy_share, c.policy_extra
+            "[policy]\nmin_backends = 1\nmin_approvals = {}\nmax_unhealthy_share = {}\n{}",
+            c.min_approvals, c.max_unhealthy_share, c.policy_extra
         );
         let health = |kind: &str| {
             let probe = match kind {

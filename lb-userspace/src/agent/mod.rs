@@ -9,11 +9,13 @@
 //! the config file. A failure anywhere leaves the live config and the data
 //! path exactly as they were.
 
+pub mod guard;
 pub mod history;
 pub mod metrics;
 pub mod report;
 pub mod server;
 pub mod state;
+pub mod workflow;
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
@@ -49,6 +51,9 @@ pub enum Gate {
     Policy { force: Option<String> },
     /// Health transitions: the safety valve governs them, not the policy.
     Health,
+    /// Restoring a generation that was live before (rollback, undo): not
+    /// gated, but recorded.
+    Rollback,
 }
 
 /// Where a change comes from, for the history.
@@ -61,6 +66,11 @@ pub struct Origin {
     pub plan_digest: Option<String>,
     pub approvals: Vec<history::Approval>,
     pub restored: Option<u64>,
+    /// When the request arrived (for the end-to-end figures).
+    pub started: Option<Instant>,
+    /// Refusals other than the policy's that the operator overrode
+    /// (stale plan, missing approvals), for the record.
+    pub overridden: Vec<String>,
 }
 
 impl Origin {
@@ -71,6 +81,13 @@ impl Origin {
             reason: reason.into(),
             ..Self::default()
         }
+    }
+
+    /// The same origin, timed from `at`.
+    #[must_use]
+    pub fn at(mut self, at: Instant) -> Self {
+        self.started = Some(at);
+        self
     }
 
     fn describe(&self) -> String {
@@ -139,6 +156,8 @@ pub enum AgentError {
     Io(String),
     #[error("refused by policy, nothing changed:\n  {}\n(fix the change, or override with --force --reason \"...\"; overrides are recorded)", .0.join("\n  "))]
     Policy(Vec<String>),
+    #[error("{0}")]
+    Refused(String),
     #[error("the data path is detached (`lbctl datapath detach`); restart lbd to attach again")]
     Detached,
 }
@@ -175,6 +194,7 @@ pub struct Agent {
     detached: bool,
     monitor: Monitor<BackendKey>,
     samples: VecDeque<(Instant, DataplaneStats)>,
+    guard: Option<guard::Guard>,
 }
 
 impl Agent {
@@ -206,6 +226,7 @@ impl Agent {
             detached: false,
             monitor: Monitor::new(probes),
             samples: VecDeque::new(),
+            guard: None,
         };
         agent.adopt()?;
         let digest = state::digest(&source);
@@ -403,7 +424,7 @@ impl Agent {
             return Err(AgentError::Detached);
         }
         let why = origin.describe();
-        let t0 = Instant::now();
+        let t0 = origin.started.unwrap_or_else(Instant::now);
         let prepared = self.prepare(&cfg, generation)?;
         let mut overridden = Vec::new();
         if let Gate::Policy { force } = gate
@@ -423,8 +444,13 @@ impl Agent {
             ));
         }
         let diff = diff_lines(&prepared.verdict);
+        let previous = self.generation;
+        overridden.extend(origin.overridden.iter().cloned());
         let report = self.commit(prepared, cfg, source, generation, &why, t0, overridden)?;
-        if matches!(gate, Gate::Policy { .. }) {
+        if matches!(origin.kind, "reload" | "backend" | "apply") && generation != previous {
+            self.start_guard(generation, previous);
+        }
+        if !matches!(gate, Gate::Health) {
             let rec = history::Record {
                 seq: 0,
                 at_unix: history::now_unix(),
@@ -475,7 +501,7 @@ impl Agent {
                 self.datapath.remove_unplanned(&planned)?;
             }
         }
-        let apply_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let live_ms = t0.elapsed().as_secs_f64() * 1e3;
         let st = state::AppliedState {
             version: state::STATE_VERSION,
             layout: lb_common::LAYOUT_VERSION,
@@ -535,10 +561,14 @@ impl Agent {
         self.config = cfg;
         self.source = source;
         self.reconcile_probes();
-        self.event(&format!("{summary} in {apply_ms:.1} ms"));
+        let apply_ms = t0.elapsed().as_secs_f64() * 1e3;
+        self.event(&format!(
+            "{summary}: live {live_ms:.1} ms after the request, recorded after {apply_ms:.1} ms"
+        ));
         Ok(ChangeReport {
             generation,
             changed,
+            live_ms,
             apply_ms,
             summary,
             overridden,
@@ -637,38 +667,21 @@ impl Agent {
         force: Option<String>,
         actor: &str,
     ) -> Result<ChangeReport, AgentError> {
+        let started = Instant::now();
         let file = self.opts.config_path.display().to_string();
         let text = config::edit_backend(&self.source, vip, backend, op.edit())?;
         let cfg = config::check(&text, &file, HostChecks::Yes)?;
-        let old = (self.config.clone(), self.source.clone(), self.generation);
-        let report = self.apply(
+        self.change_file(
             cfg,
-            text.clone(),
-            self.generation + 1,
+            &text,
             &Origin::new(
                 "backend",
                 actor,
                 format!("{op:?} {vip} {backend}").to_lowercase(),
-            ),
+            )
+            .at(started),
             &Gate::Policy { force },
-        )?;
-        if let Err(e) = state::write_atomic(&self.opts.config_path, text.as_bytes()) {
-            // Undo: the file is the source of truth for restarts.
-            let undo = self.apply(
-                old.0,
-                old.1,
-                old.2 + 2,
-                &Origin::new("undo", "lbd", "config file not writable"),
-                &Gate::Health,
-            );
-            return Err(AgentError::Io(format!(
-                "writing {file} failed ({e}); the change was undone{}",
-                undo.err()
-                    .map(|u| format!(" — but undoing failed: {u}"))
-                    .unwrap_or_default()
-            )));
-        }
-        Ok(report)
+        )
     }
 
     /// Detaches the XDP program (`lbctl datapath detach`).
@@ -708,6 +721,7 @@ impl Agent {
             }
             Err(e) => tracing::warn!("reading counters failed: {e}"),
         }
+        self.guard_tick();
     }
 
     pub fn config(&self) -> &Config {

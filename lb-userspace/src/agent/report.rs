@@ -115,6 +115,7 @@ pub fn status(agent: &Agent) -> StatusReport {
         uptime_secs: agent.uptime().as_secs(),
         vips,
         events: agent.events().cloned().collect(),
+        guard: agent.guard_status(),
     }
 }
 

@@ -204,7 +204,31 @@ pub async fn handle(req: Request, agent: &Shared) -> Response {
             Ok(()) => Response::ok(&"detached"),
             Err(e) => Response::err(e.to_string()),
         },
+        Request::Plan {
+            source,
+            file,
+            author,
+        } => answer(a.plan_change(source, &file, &author)),
+        Request::Approve {
+            plan,
+            reviewer,
+            comment,
+        } => answer(a.approve(&plan, &reviewer, &comment)),
+        Request::Apply { plan, actor, force } => answer(a.apply_plan(&plan, &actor, force)),
+        Request::Rollback {
+            generation,
+            actor,
+            reason,
+        } => answer(a.rollback(generation, &actor, &reason)),
+        Request::History => answer(a.history()),
     })
+}
+
+fn answer<T: serde::Serialize>(r: Result<T, AgentError>) -> Response {
+    match r {
+        Ok(v) => Response::ok(&v),
+        Err(e) => Response::err(e.to_string()),
+    }
 }
 
 async fn serve_http(mut stream: tokio::net::TcpStream, agent: Shared) {

@@ -7,8 +7,12 @@ use std::{net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_userspace::{
+    agent::history::Record,
     config::{self, HostChecks},
-    control::{self, BackendOp, ChangeReport, Request, StatsReport, StatusReport},
+    control::{
+        self, ApproveReport, BackendOp, ChangeReport, PlanDoc, Request, StatsReport, StatusReport,
+    },
+    simulate,
 };
 
 #[derive(Parser)]
@@ -72,6 +76,55 @@ enum Cmd {
         #[command(subcommand)]
         op: DatapathCmd,
     },
+    /// Predict each backend's share of new flows under a config, two ways
+    /// that must agree: from the planned tables, and by running synthetic
+    /// flows through the real XDP object (loaded unattached; needs root).
+    /// Touches nothing live. Exit 0 agree, 1 disagree, 64 invalid config.
+    Simulate {
+        file: PathBuf,
+        /// Synthetic flows per VIP.
+        #[arg(long, default_value_t = 20_000)]
+        flows: u32,
+    },
+    /// Compare a candidate config with the live one: changes, shares before
+    /// → after, flows moved, policy verdict. Exit 0 pass, 1 policy fails.
+    Plan {
+        file: PathBuf,
+        /// Write the plan (to review, approve and apply) to this file.
+        #[arg(short = 'f', long = "plan-file", value_name = "PLAN.json")]
+        out: Option<PathBuf>,
+        /// Who proposes the change (default: $SUDO_USER or $USER).
+        #[arg(long)]
+        author: Option<String>,
+    },
+    /// Record a review of a plan (the author cannot approve their own).
+    Approve {
+        plan: PathBuf,
+        #[arg(long)]
+        reviewer: String,
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
+    /// Apply exactly the reviewed plan (refused if stale, unapproved,
+    /// edited or against the policy, unless --force --reason).
+    Apply {
+        plan: PathBuf,
+        /// Who applies (default: $SUDO_USER or $USER).
+        #[arg(long)]
+        actor: Option<String>,
+        #[command(flatten)]
+        force: Force,
+    },
+    /// Restore an earlier generation (default: the one before the live one).
+    Rollback {
+        generation: Option<u64>,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[arg(long)]
+        actor: Option<String>,
+    },
+    /// Every recorded change: who, when, why, diff, approvals, guard, rollbacks.
+    History,
 }
 
 #[derive(Subcommand)]
@@ -125,14 +178,33 @@ enum DatapathCmd {
     Detach,
 }
 
+/// Who runs this command, as declared by the environment.
+fn whoami(explicit: Option<String>) -> String {
+    explicit
+        .or_else(|| std::env::var("SUDO_USER").ok())
+        .or_else(|| std::env::var("USER").ok())
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn read_plan(path: &std::path::Path) -> Result<PlanDoc, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: not a plan file: {e}", path.display()))
+}
+
 const EX_REFUSED: u8 = 1;
 const EX_USAGE: u8 = 64;
 const EX_UNAVAILABLE: u8 = 69;
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let req = match cli.cmd {
-        Cmd::Validate { file, offline } => return validate(&file, offline, cli.output),
+/// The request a command sends, or the exit code of a command that ran
+/// locally (validate, simulate) or failed before sending anything.
+fn build_request(
+    cmd: Cmd,
+    output: Output,
+    plan_out: &mut Option<PathBuf>,
+) -> Result<Request, ExitCode> {
+    Ok(match cmd {
+        Cmd::Validate { file, offline } => return Err(validate(&file, offline, output)),
         Cmd::Status => Request::Status,
         Cmd::Stats => Request::Stats,
         Cmd::Reload { force } => Request::Reload {
@@ -158,6 +230,67 @@ fn main() -> ExitCode {
         Cmd::Datapath {
             op: DatapathCmd::Detach,
         } => Request::DatapathDetach,
+        Cmd::Simulate { file, flows } => return Err(simulate(&file, flows, output)),
+        Cmd::Plan { file, out, author } => {
+            let source = match std::fs::read_to_string(&file) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("lbctl: {}: {e}", file.display());
+                    return Err(ExitCode::from(EX_USAGE));
+                }
+            };
+            *plan_out = out;
+            Request::Plan {
+                source,
+                file: file.display().to_string(),
+                author: whoami(author),
+            }
+        }
+        Cmd::Approve {
+            plan,
+            reviewer,
+            comment,
+        } => match read_plan(&plan) {
+            Ok(plan) => Request::Approve {
+                plan,
+                reviewer,
+                comment,
+            },
+            Err(e) => {
+                eprintln!("lbctl: {e}");
+                return Err(ExitCode::from(EX_USAGE));
+            }
+        },
+        Cmd::Apply { plan, actor, force } => match read_plan(&plan) {
+            Ok(plan) => Request::Apply {
+                plan,
+                actor: whoami(actor),
+                force: force.reason(),
+            },
+            Err(e) => {
+                eprintln!("lbctl: {e}");
+                return Err(ExitCode::from(EX_USAGE));
+            }
+        },
+        Cmd::Rollback {
+            generation,
+            reason,
+            actor,
+        } => Request::Rollback {
+            generation,
+            actor: whoami(actor),
+            reason,
+        },
+        Cmd::History => Request::History,
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut plan_out: Option<PathBuf> = None;
+    let req = match build_request(cli.cmd, cli.output, &mut plan_out) {
+        Ok(r) => r,
+        Err(code) => return code,
     };
     let resp = match control::call(&cli.socket, &req, Duration::from_secs(cli.timeout)) {
         Ok(r) => r,
@@ -166,13 +299,36 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_UNAVAILABLE);
         }
     };
+    let mut code = ExitCode::SUCCESS;
+    if resp.ok
+        && let Request::Plan { .. } = req
+    {
+        match serde_json::from_value::<PlanDoc>(resp.data.clone()) {
+            Ok(doc) => {
+                if let Some(path) = &plan_out {
+                    let text = serde_json::to_string_pretty(&doc).unwrap_or_default();
+                    if let Err(e) = std::fs::write(path, text + "\n") {
+                        eprintln!("lbctl: writing {}: {e}", path.display());
+                        return ExitCode::from(EX_REFUSED);
+                    }
+                }
+                if !doc.verdict.passed() {
+                    code = ExitCode::from(EX_REFUSED);
+                }
+            }
+            Err(e) => {
+                eprintln!("lbctl: lbd's answer does not match this lbctl: {e}");
+                return ExitCode::from(EX_REFUSED);
+            }
+        }
+    }
     if cli.output == Output::Json {
         println!(
             "{}",
             serde_json::to_string_pretty(&resp).unwrap_or_default()
         );
         return if resp.ok {
-            ExitCode::SUCCESS
+            code
         } else {
             ExitCode::from(EX_REFUSED)
         };
@@ -197,11 +353,32 @@ fn main() -> ExitCode {
         Request::DatapathDetach => {
             Ok("detached: forwarding stopped; restart lbd to attach again".into())
         }
+        Request::Plan { .. } => serde_json::from_value::<PlanDoc>(resp.data)
+            .map(|d| render_plan(&d, plan_out.as_deref())),
+        Request::Approve { .. } => serde_json::from_value::<ApproveReport>(resp.data).map(|r| {
+            format!(
+                "plan {}: {} of {} approvals ({})",
+                r.digest,
+                r.approvals.len(),
+                r.needed,
+                r.approvals
+                    .iter()
+                    .map(|a| a.reviewer.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }),
+        Request::Apply { .. } | Request::Rollback { .. } => {
+            serde_json::from_value::<ChangeReport>(resp.data).map(|c| render_change(&c))
+        }
+        Request::History => {
+            serde_json::from_value::<Vec<Record>>(resp.data).map(|h| render_history(&h))
+        }
     };
     match rendered {
         Ok(text) => {
             println!("{text}");
-            ExitCode::SUCCESS
+            code
         }
         Err(e) => {
             eprintln!("lbctl: lbd's answer does not match this lbctl: {e}");
@@ -253,8 +430,145 @@ fn validate(file: &std::path::Path, offline: bool, output: Output) -> ExitCode {
     }
 }
 
+fn render_plan(d: &PlanDoc, file: Option<&std::path::Path>) -> String {
+    use std::fmt::Write as _;
+    let mut o = format!(
+        "plan {} by {} against generation {}: {}\n",
+        d.digest,
+        d.author,
+        d.base_generation,
+        if d.verdict.passed() {
+            "PASSES the policy"
+        } else {
+            "FAILS the policy"
+        }
+    );
+    for v in &d.verdict.vips {
+        let _ = writeln!(
+            o,
+            "\nVIP {} {} {:?}: {:.1}% of flows move, worst deviation from weights {:.2} points",
+            v.name,
+            v.vip,
+            v.change,
+            v.moved * 100.0,
+            v.worst_deviation * 100.0
+        );
+        for b in &v.backends {
+            let before = b
+                .before
+                .map_or_else(|| "   new".to_owned(), |x| format!("{:5.1}%", x * 100.0));
+            let _ = writeln!(
+                o,
+                "  {:<28} weight {:>5} {:<6} expected {:5.1}%  {before} → {:5.1}%",
+                b.address.to_string(),
+                b.weight,
+                format!("{:?}", b.state).to_lowercase(),
+                b.expected * 100.0,
+                b.after * 100.0
+            );
+        }
+    }
+    if !d.verdict.violations.is_empty() {
+        let _ = writeln!(o, "\npolicy violations:");
+        for v in &d.verdict.violations {
+            let _ = writeln!(o, "  - {v}");
+        }
+    }
+    let _ = write!(
+        o,
+        "\napprovals needed: {}{}",
+        d.min_approvals,
+        file.map_or_else(
+            || " (write the plan with --plan-file to approve and apply it)".to_owned(),
+            |f| format!("; plan written to {}", f.display())
+        )
+    );
+    o
+}
+
+fn render_history(h: &[Record]) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    for r in h {
+        let _ = writeln!(
+            o,
+            "#{} {} gen {} {} by {}: {}{}",
+            r.seq,
+            r.at_unix,
+            r.generation,
+            r.kind,
+            r.actor,
+            r.summary,
+            if r.reason.is_empty() {
+                String::new()
+            } else {
+                format!(" — {}", r.reason)
+            }
+        );
+        if let Some(d) = &r.plan_digest {
+            let _ = writeln!(
+                o,
+                "    plan {d}, approved by: {}",
+                if r.approvals.is_empty() {
+                    "nobody".to_owned()
+                } else {
+                    r.approvals
+                        .iter()
+                        .map(|a| a.reviewer.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            );
+        }
+        if let Some(g) = r.restored {
+            let _ = writeln!(o, "    restored generation {g}");
+        }
+        for d in &r.diff {
+            let _ = writeln!(o, "    {d}");
+        }
+        for v in &r.overridden {
+            let _ = writeln!(o, "    OVERRIDDEN: {v}");
+        }
+    }
+    o
+}
+
+fn simulate(file: &std::path::Path, flows: u32, output: Output) -> ExitCode {
+    let (cfg, _) = match config::load(file, HostChecks::No) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    match simulate::run(&cfg, flows) {
+        Ok(report) => {
+            if output == Output::Json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                print!("{}", simulate::render(&report));
+            }
+            if report.agree {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EX_REFUSED)
+            }
+        }
+        Err(e) => {
+            eprintln!("lbctl: simulate: {e}");
+            ExitCode::from(EX_REFUSED)
+        }
+    }
+}
+
 fn render_change(c: &ChangeReport) -> String {
-    let mut o = format!("{} (maps written in {:.1} ms)", c.summary, c.apply_ms);
+    let mut o = format!(
+        "{} (live {:.1} ms after the request, recorded after {:.1} ms)",
+        c.summary, c.live_ms, c.apply_ms
+    );
     if !c.overridden.is_empty() {
         o.push_str("\npolicy overridden (recorded):");
         for v in &c.overridden {

@@ -104,6 +104,7 @@ struct Figures {
     add_ms: Vec<f64>,
     cli_ms: Vec<f64>,
     agent_ms: Vec<f64>,
+    agent_total_ms: Vec<f64>,
 }
 
 fn library(f: &mut Figures) {
@@ -199,7 +200,8 @@ fn agent(f: &mut Figures) {
         );
         let resp: Response = serde_json::from_slice(&out.stdout).expect("json");
         let report: ChangeReport = serde_json::from_value(resp.data).expect("report");
-        f.agent_ms.push(report.apply_ms);
+        f.agent_ms.push(report.live_ms);
+        f.agent_total_ms.push(report.apply_ms);
     }
     lbd.stop();
 }
@@ -223,6 +225,7 @@ fn main() {
         add_ms: Vec::new(),
         cli_ms: Vec::new(),
         agent_ms: Vec::new(),
+        agent_total_ms: Vec::new(),
     };
     library(&mut f);
     agent(&mut f);
