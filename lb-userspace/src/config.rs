@@ -1067,6 +1067,33 @@ fn check_agent(cfg: &Config, host: HostChecks, c: &mut Checker) {
             c,
         );
     }
+    // IP-in-IP packets are routed (bpf_fib_lookup), which the kernel only
+    // does when forwarding is on for the receiving interface.
+    if host == HostChecks::Yes && interface_exists(&a.interface) {
+        for (v6, key) in [(false, "net.ipv4.conf"), (true, "net.ipv6.conf")] {
+            let needed = cfg
+                .vips
+                .iter()
+                .any(|v| v.mode == crate::model::ForwardingMode::Ipip && v.address.is_ipv6() == v6);
+            let path = format!(
+                "/proc/sys/{}/{}/forwarding",
+                key.replace('.', "/"),
+                a.interface
+            );
+            let on = std::fs::read_to_string(&path).is_ok_and(|t| t.trim() == "1");
+            if needed && !on {
+                c.push(
+                    &[K("agent"), K("interface")],
+                    format!(
+                        "agent: ipip VIPs of IPv{} need forwarding on {} (the data path routes their packets), and it is off",
+                        if v6 { 6 } else { 4 },
+                        a.interface
+                    ),
+                    format!("sysctl -w {key}.{}.forwarding=1 (and persist it)", a.interface),
+                );
+            }
+        }
+    }
     if a.conn_table_capacity == 0 {
         c.push(
             &[K("agent"), K("conn_table_capacity")],

@@ -63,13 +63,39 @@ pub enum PlanError {
 /// the id's generation so connection entries made for the old owner miss.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdAllocator {
+    #[serde(with = "as_pairs")]
     vips: BTreeMap<(VipId, u32), u32>,
+    #[serde(with = "as_pairs")]
     backends: BTreeMap<(VipId, IpAddr), u32>,
+    #[serde(with = "as_pairs")]
     generations: BTreeMap<u32, u32>,
     free_vip_ids: BTreeSet<u32>,
     free_backend_ids: BTreeSet<u32>,
     next_vip_id: u32,
     next_backend_id: u32,
+}
+
+/// Maps with non-string keys as JSON arrays of [key, value] pairs.
+mod as_pairs {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(
+        m: &BTreeMap<K, V>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(m.iter())
+    }
+
+    pub fn deserialize<'de, K, V, D>(d: D) -> Result<BTreeMap<K, V>, D::Error>
+    where
+        K: Deserialize<'de> + Ord,
+        V: Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        Ok(Vec::<(K, V)>::deserialize(d)?.into_iter().collect())
+    }
 }
 
 impl IdAllocator {

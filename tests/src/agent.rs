@@ -19,7 +19,10 @@ use std::{
 use lb_userspace::control::StatusReport;
 
 use crate::{
-    lab::{LabNet, N_BACKENDS, TCP_PORT, UDP_PORT, V4, V6},
+    lab::{
+        IPIP_SOURCE_V4, IPIP_SOURCE_V6, LabNet, N_BACKENDS, TCP_PORT, UDP_PORT, V4, V6,
+        VIP_IPIP_V4, VIP_IPIP_V6,
+    },
     netns::{NetNs, fmt_mac},
     pins::PinDir,
     scenario::{SEED, VIP_V4, VIP_V6},
@@ -71,6 +74,11 @@ pub struct LabConfig {
     pub min_approvals: u32,
     /// Extra `[policy]` lines.
     pub policy_extra: String,
+    /// Also the IP-in-IP VIPs (web4-ipip, dns4-ipip, web6-ipip, dns6-ipip);
+    /// the lab must be built with `ipip`.
+    pub ipip: bool,
+    /// Backends listed per VIP (the first N of the lab's three).
+    pub backends: u8,
 }
 
 impl Default for LabConfig {
@@ -83,8 +91,116 @@ impl Default for LabConfig {
             max_unhealthy_share: 0.5,
             min_approvals: 0,
             policy_extra: String::new(),
+            ipip: false,
+            backends: N_BACKENDS,
         }
     }
+}
+
+/// Where an `lbd` keeps its files.
+#[derive(Clone, Debug)]
+pub struct LbdFiles {
+    pub socket: PathBuf,
+    pub pin_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub metrics_port: u16,
+}
+
+/// The lab's config: DSR VIPs web4/web6 (TCP :80, HTTP health checks) and
+/// dns4/dns6 (UDP :53, UDP health checks) over the three backends (MACs
+/// `macs`), and with `c.ipip` the same four again over IP-in-IP.
+pub fn lab_config(files: &LbdFiles, macs: &[crate::netns::Mac], c: &LabConfig) -> String {
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "# lab config\n[agent]\ninterface = \"eth0\"\nxdp_mode = \"driver\"\ncontrol_socket = \"{}\"\nmetrics_address = \"127.0.0.1:{}\"\nhash_seed = {SEED}\npin_dir = \"{}\"\nstate_dir = \"{}\"\nipip_source_v4 = \"{IPIP_SOURCE_V4}\"\nipip_source_v6 = \"{IPIP_SOURCE_V6}\"\n",
+        files.socket.display(),
+        files.metrics_port,
+        files.pin_dir.display(),
+        files.state_dir.display()
+    );
+    let _ = writeln!(
+        t,
+        "[policy]\nmin_backends = 1\nmin_approvals = {}\nmax_unhealthy_share = {}\n{}",
+        c.min_approvals, c.max_unhealthy_share, c.policy_extra
+    );
+    let health = |kind: &str| {
+        let probe = match kind {
+            "http" => "kind = \"http\", path = \"/\", expect_status = 200".to_owned(),
+            _ => "kind = \"udp\", send = \"health?\", expect = \"backend\"".to_owned(),
+        };
+        format!(
+            "{{ {probe}, interval = \"{}ms\", timeout = \"{}ms\", rise = {}, fall = {} }}",
+            c.interval_ms,
+            c.interval_ms / 2,
+            c.rise,
+            c.fall
+        )
+    };
+    let mut vips = vec![
+        ("web4", IpAddr::V4(VIP_V4), TCP_PORT, "tcp", "http", "dsr"),
+        ("dns4", IpAddr::V4(VIP_V4), UDP_PORT, "udp", "udp", "dsr"),
+        ("web6", IpAddr::V6(VIP_V6), TCP_PORT, "tcp", "http", "dsr"),
+        ("dns6", IpAddr::V6(VIP_V6), UDP_PORT, "udp", "udp", "dsr"),
+    ];
+    if c.ipip {
+        vips.extend([
+            (
+                "web4-ipip",
+                IpAddr::V4(VIP_IPIP_V4),
+                TCP_PORT,
+                "tcp",
+                "http",
+                "ipip",
+            ),
+            (
+                "dns4-ipip",
+                IpAddr::V4(VIP_IPIP_V4),
+                UDP_PORT,
+                "udp",
+                "udp",
+                "ipip",
+            ),
+            (
+                "web6-ipip",
+                IpAddr::V6(VIP_IPIP_V6),
+                TCP_PORT,
+                "tcp",
+                "http",
+                "ipip",
+            ),
+            (
+                "dns6-ipip",
+                IpAddr::V6(VIP_IPIP_V6),
+                UDP_PORT,
+                "udp",
+                "udp",
+                "ipip",
+            ),
+        ]);
+    }
+    for (name, addr, port, proto, kind, mode) in vips {
+        let fam = if addr.is_ipv6() { V6 } else { V4 };
+        let _ = writeln!(
+            t,
+            "[[vip]]\nname = \"{name}\"\naddress = \"{addr}\"\nport = {port}\nprotocol = \"{proto}\"\nmode = \"{mode}\"\nhealth = {}\n",
+            health(kind)
+        );
+        for i in 1..=c.backends.min(N_BACKENDS) {
+            let mac = if mode == "dsr" {
+                format!("mac = \"{}\"\n", fmt_mac(macs[usize::from(i - 1)]))
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                t,
+                "[[vip.backend]]\naddress = \"{}\"\nweight = {}\n{mac}",
+                fam.backend(i),
+                c.weights[usize::from(i - 1)],
+            );
+        }
+    }
+    t
 }
 
 /// One `lbd` with its own files.
@@ -116,59 +232,18 @@ impl Lbd {
         }
     }
 
-    /// The lab's config: DSR VIPs web4/web6 (TCP :80, HTTP health checks)
-    /// and dns4/dns6 (UDP :53, UDP health checks) over the three backends.
+    /// The lab's config for this harness's files (see [`lab_config`]).
     pub fn lab_config(&self, net: &LabNet, c: &LabConfig) -> String {
-        let mut t = String::new();
-        let _ = writeln!(
-            t,
-            "# lab config written by the test harness\n[agent]\ninterface = \"eth0\"\nxdp_mode = \"driver\"\ncontrol_socket = \"{}\"\nmetrics_address = \"127.0.0.1:{}\"\nhash_seed = {SEED}\npin_dir = \"{}\"\nstate_dir = \"{}\"\n",
-            self.socket.display(),
-            self.metrics_port,
-            self.pins.path().display(),
-            self.dir.join("state").display()
-        );
-        let _ = writeln!(
-            t,
-            "[policy]\nmin_backends = 1\nmin_approvals = {}\nmax_unhealthy_share = {}\n{}",
-            c.min_approvals, c.max_unhealthy_share, c.policy_extra
-        );
-        let health = |kind: &str| {
-            let probe = match kind {
-                "http" => "kind = \"http\", path = \"/\", expect_status = 200".to_owned(),
-                _ => "kind = \"udp\", send = \"health?\", expect = \"backend\"".to_owned(),
-            };
-            format!(
-                "{{ {probe}, interval = \"{}ms\", timeout = \"{}ms\", rise = {}, fall = {} }}",
-                c.interval_ms,
-                c.interval_ms / 2,
-                c.rise,
-                c.fall
-            )
-        };
-        for (name, addr, port, proto, kind) in [
-            ("web4", IpAddr::V4(VIP_V4), TCP_PORT, "tcp", "http"),
-            ("dns4", IpAddr::V4(VIP_V4), UDP_PORT, "udp", "udp"),
-            ("web6", IpAddr::V6(VIP_V6), TCP_PORT, "tcp", "http"),
-            ("dns6", IpAddr::V6(VIP_V6), UDP_PORT, "udp", "udp"),
-        ] {
-            let fam = if addr.is_ipv6() { V6 } else { V4 };
-            let _ = writeln!(
-                t,
-                "[[vip]]\nname = \"{name}\"\naddress = \"{addr}\"\nport = {port}\nprotocol = \"{proto}\"\nmode = \"dsr\"\nhealth = {}\n",
-                health(kind)
-            );
-            for i in 1..=N_BACKENDS {
-                let _ = writeln!(
-                    t,
-                    "[[vip.backend]]\naddress = \"{}\"\nweight = {}\nmac = \"{}\"\n",
-                    fam.backend(i),
-                    c.weights[usize::from(i - 1)],
-                    fmt_mac(net.backend_macs[usize::from(i - 1)])
-                );
-            }
-        }
-        t
+        lab_config(
+            &LbdFiles {
+                socket: self.socket.clone(),
+                pin_dir: self.pins.path().to_path_buf(),
+                state_dir: self.dir.join("state"),
+                metrics_port: self.metrics_port,
+            },
+            &net.backend_macs,
+            c,
+        )
     }
 
     pub fn write_config(&self, text: &str) {

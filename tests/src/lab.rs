@@ -28,6 +28,7 @@ use std::{
     io::{ErrorKind, Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd,
+    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -37,7 +38,7 @@ use std::{
 };
 
 use aya::programs::{Xdp, XdpMode};
-use lb_common::{PROG_BENCH_PASS, STAT_NAMES};
+use lb_common::{PROG_BENCH_PASS, PROG_DECAP, STAT_NAMES};
 use lb_userspace::{
     datapath::{Datapath, DataplaneStats, LoadOptions},
     model::{
@@ -76,6 +77,21 @@ pub const LB_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 pub const LB_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
 pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 1, 1);
+/// VIPs forwarded by IP-in-IP (the backends decapsulate with `xdp_decap`).
+pub const VIP_IPIP_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 20);
+pub const VIP_IPIP_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x20);
+/// Outer source prefixes of IP-in-IP.
+pub const IPIP_SOURCE_V4: &str = "198.18.250.0/24";
+pub const IPIP_SOURCE_V6: &str = "2001:db8:fa::/96";
+
+/// Client `c` (1-based) of the lab.
+pub fn client_v4(c: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 1, c)
+}
+
+pub fn client_v6(c: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 1, u16::from(c))
+}
 
 pub fn backend_v4(i: u8) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 2, i)
@@ -104,6 +120,14 @@ impl Family {
             VIP_V6.into()
         } else {
             VIP_V4.into()
+        }
+    }
+    /// The IP-in-IP VIP of this family.
+    pub fn vip_ipip(self) -> IpAddr {
+        if self.v6 {
+            VIP_IPIP_V6.into()
+        } else {
+            VIP_IPIP_V4.into()
         }
     }
     pub fn lb(self) -> IpAddr {
@@ -150,28 +174,12 @@ impl Server {
     /// own addresses, where health probes go) inside `ns`.
     pub fn start(ns: &NetNs, name: String, own: &[IpAddr]) -> Self {
         // Sockets are created inside the backend namespace and stay there.
-        let addrs: Vec<IpAddr> = [IpAddr::V4(VIP_V4), IpAddr::V6(VIP_V6)]
-            .into_iter()
-            .chain(own.iter().copied())
-            .collect();
-        let (tcp, udp) = ns.in_netns(|| {
-            let bind_err =
-                |what: &str, e: std::io::Error| -> ! { panic!("{name}: bind {what}: {e}") };
-            let tcp: Vec<TcpListener> = addrs
-                .iter()
-                .map(|a| TcpListener::bind((*a, TCP_PORT)).unwrap_or_else(|e| bind_err("tcp", e)))
-                .collect();
-            let udp: Vec<UdpSocket> = addrs
-                .iter()
-                .map(|a| UdpSocket::bind((*a, UDP_PORT)).unwrap_or_else(|e| bind_err("udp", e)))
-                .collect();
-            (tcp, udp)
-        });
+        let (tcp, udp) = ns.in_netns(|| bind_all(&name, own));
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let handle = std::thread::Builder::new()
             .name(format!("srv-{name}"))
-            .spawn(move || serve(&name, &tcp, &udp, &flag))
+            .spawn(move || serve(&name, &tcp, &udp, &flag, SERVER_LIFETIME))
             .expect("spawning a server thread");
         Self {
             stop,
@@ -197,7 +205,45 @@ impl Drop for Server {
     }
 }
 
-fn serve(name: &str, tcp: &[TcpListener], udp: &[UdpSocket], stop: &Arc<AtomicBool>) -> Served {
+/// Binds TCP :80 and UDP :53 on every VIP (DSR and IP-in-IP, both
+/// families) and on `own`, in the calling thread's namespace.
+fn bind_all(name: &str, own: &[IpAddr]) -> (Vec<TcpListener>, Vec<UdpSocket>) {
+    let addrs: Vec<IpAddr> = [
+        IpAddr::V4(VIP_V4),
+        IpAddr::V6(VIP_V6),
+        IpAddr::V4(VIP_IPIP_V4),
+        IpAddr::V6(VIP_IPIP_V6),
+    ]
+    .into_iter()
+    .chain(own.iter().copied())
+    .collect();
+    let bind_err = |what: &str, e: std::io::Error| -> ! { panic!("{name}: bind {what}: {e}") };
+    let tcp = addrs
+        .iter()
+        .map(|a| TcpListener::bind((*a, TCP_PORT)).unwrap_or_else(|e| bind_err("tcp", e)))
+        .collect();
+    let udp = addrs
+        .iter()
+        .map(|a| UdpSocket::bind((*a, UDP_PORT)).unwrap_or_else(|e| bind_err("udp", e)))
+        .collect();
+    (tcp, udp)
+}
+
+/// A backend server as a process of its own (the persistent lab): binds in
+/// the current namespace and serves until killed.
+pub fn serve_process(name: &str, own: &[IpAddr]) {
+    let (tcp, udp) = bind_all(name, own);
+    let stop = Arc::new(AtomicBool::new(false));
+    serve(name, &tcp, &udp, &stop, Duration::from_hours(10 * 365 * 24));
+}
+
+fn serve(
+    name: &str,
+    tcp: &[TcpListener],
+    udp: &[UdpSocket],
+    stop: &Arc<AtomicBool>,
+    lifetime: Duration,
+) -> Served {
     let reply = format!("{name}\n");
     let mut served = Served::default();
     for l in tcp {
@@ -216,7 +262,7 @@ fn serve(name: &str, tcp: &[TcpListener], udp: &[UdpSocket], stop: &Arc<AtomicBo
             revents: 0,
         })
         .collect();
-    let deadline = Instant::now() + SERVER_LIFETIME;
+    let deadline = Instant::now() + lifetime;
     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
         // SAFETY: fds is a valid array of pollfd for the duration of the call.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 50) };
@@ -349,44 +395,134 @@ fn hold(mut s: TcpStream, reply: &[u8], stop: &AtomicBool) {
 
 // ---------------------------------------------------------------- the lab
 
+/// How to build the lab.
+#[derive(Clone, Debug)]
+pub struct LabOptions {
+    /// Namespace names start with this.
+    pub prefix: String,
+    /// Exact names (`PREFIX-sw`, `PREFIX-lb`, ...) that outlive this
+    /// process (the persistent `cargo xtask lab`), instead of unique
+    /// per-process names removed on drop.
+    pub persistent: bool,
+    /// Client hosts (≥ 1).
+    pub clients: u8,
+    /// Prepare IP-in-IP: IP-in-IP VIPs on the backends' `lo`, `xdp_decap`
+    /// on their interfaces, neighbour entries on the LB for the route
+    /// lookups.
+    pub ipip: bool,
+    /// Run the backend servers as threads of this process (tests) — or not
+    /// at all (the persistent lab starts them as processes itself).
+    pub thread_servers: bool,
+    /// bpffs directory for the helper programs' pinned links (the
+    /// switch-side XDP_PASS and the decap programs).
+    pub pin_dir: PathBuf,
+}
+
+impl LabOptions {
+    /// Unique names, one client, DSR only, in-process servers.
+    pub fn test(prefix: &str, pins: &Path) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            persistent: false,
+            clients: 1,
+            ipip: false,
+            thread_servers: true,
+            pin_dir: pins.to_path_buf(),
+        }
+    }
+}
+
 /// The topology and the servers, without the load balancer's program: a
 /// test attaches `xdp_lb` itself ([`Lab`]) or runs `lbd` in [`LabNet::lb`].
-/// Fields drop in order: servers, the switch-side pass program, then the
+/// Fields drop in order: servers, the helper programs' pins, then the
 /// namespaces.
 pub struct LabNet {
     pub servers: Vec<Option<Server>>,
-    /// Holds `bench_pass` on the switch side of the LB's veth.
-    _peer_pass: Datapath,
+    /// Pins of the helper programs (removed on drop unless persistent).
+    pins: Option<crate::pins::PinDir>,
     pub lb_mac: Mac,
     pub backend_macs: Vec<Mac>,
+    /// The first client (`clients[0]`).
     pub client: NetNs,
+    /// Further clients.
+    pub more_clients: Vec<NetNs>,
     pub lb: NetNs,
     pub backends: Vec<NetNs>,
     pub switch: NetNs,
+    pub options: LabOptions,
+}
+
+/// Loads the object's program `name` in the calling thread's namespace,
+/// attaches it to `iface` and pins the link at `pin`, so it stays attached
+/// without a process holding it.
+fn attach_pinned(name: &'static str, iface: &str, pin: &Path) {
+    use aya::programs::links::FdLink;
+    let mut ebpf = aya::EbpfLoader::new()
+        .map_max_entries(lb_common::MAP_CONN_TABLE, 1)
+        .load(lb_userspace::EBPF_OBJECT)
+        .unwrap_or_else(|e| panic!("loading the object for {name}: {e}"));
+    let prog: &mut Xdp = ebpf
+        .program_mut(name)
+        .unwrap_or_else(|| panic!("{name} missing from the object"))
+        .try_into()
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    prog.load()
+        .unwrap_or_else(|e| panic!("loading {name}: {e}"));
+    let id = prog
+        .attach(iface, XdpMode::Driver)
+        .unwrap_or_else(|e| panic!("attaching {name} to {iface}: {e}"));
+    let link = prog
+        .take_link(id)
+        .unwrap_or_else(|e| panic!("taking the link of {name}: {e}"));
+    let fd = FdLink::try_from(link).unwrap_or_else(|e| panic!("{name}: not a BPF link: {e}"));
+    fd.pin(pin)
+        .unwrap_or_else(|e| panic!("pinning {name}'s link at {}: {e}", pin.display()));
 }
 
 impl LabNet {
-    /// Builds the topology (namespace names start with `prefix`) and starts
-    /// the servers.
+    /// Builds the default test lab (namespace names start with `prefix`).
     pub fn build(prefix: &str) -> Self {
-        let switch = NetNs::new(&format!("{prefix}-sw"));
+        let pins = crate::pins::PinDir::new(prefix);
+        let opts = LabOptions::test(prefix, pins.path());
+        Self::build_with(opts, Some(pins))
+    }
+
+    /// Builds the lab described by `opts`. `pins` (if any) is removed when
+    /// the lab drops.
+    #[allow(clippy::too_many_lines)]
+    pub fn build_with(opts: LabOptions, pins: Option<crate::pins::PinDir>) -> Self {
+        let mk = |role: &str| {
+            let name = format!("{}-{role}", opts.prefix);
+            if opts.persistent {
+                NetNs::named(&name)
+            } else {
+                NetNs::new(&name)
+            }
+        };
+        std::fs::create_dir_all(&opts.pin_dir)
+            .unwrap_or_else(|e| panic!("creating {}: {e}", opts.pin_dir.display()));
+        let switch = mk("sw");
         switch.bridge("br0");
         let join = |ns: &NetNs, port: &str| {
             netns::veth(ns, "eth0", &switch, port);
             switch.enslave(port, "br0");
         };
 
-        let client = NetNs::new(&format!("{prefix}-cl"));
-        join(&client, "cl0");
-        // A veth hands the peer a CHECKSUM_PARTIAL skb (checksum left to
-        // "hardware"); XDP_TX turns it into a bare frame and that state is
-        // lost, so the backend would see bad TCP/UDP checksums. A real NIC
-        // puts complete checksums on the wire: make the client do so too.
-        client.ethtool_feature("eth0", "tx-checksumming", false);
-        client.addr("eth0", &format!("{CLIENT_V4}/16"));
-        client.addr("eth0", &format!("{CLIENT_V6}/64"));
+        let mut clients = Vec::new();
+        for c in 1..=opts.clients.max(1) {
+            let client = mk(&format!("c{c}"));
+            join(&client, &format!("c{c}"));
+            // A veth hands the peer a CHECKSUM_PARTIAL skb (checksum left to
+            // "hardware"); XDP_TX turns it into a bare frame and that state is
+            // lost, so the backend would see bad TCP/UDP checksums. A real NIC
+            // puts complete checksums on the wire: make the client do so too.
+            client.ethtool_feature("eth0", "tx-checksumming", false);
+            client.addr("eth0", &format!("{}/16", client_v4(c)));
+            client.addr("eth0", &format!("{}/64", client_v6(c)));
+            clients.push(client);
+        }
 
-        let lb = NetNs::new(&format!("{prefix}-lb"));
+        let lb = mk("lb");
         join(&lb, "lb0");
         lb.addr("eth0", &format!("{LB_V4}/16"));
         lb.addr("eth0", &format!("{LB_V6}/64"));
@@ -395,25 +531,42 @@ impl LabNet {
         let mut backends = Vec::new();
         let mut backend_macs = Vec::new();
         for i in 1..=N_BACKENDS {
-            let b = NetNs::new(&format!("{prefix}-b{i}"));
+            let b = mk(&format!("b{i}"));
             join(&b, &format!("b{i}"));
             b.addr("eth0", &format!("{}/16", backend_v4(i)));
             b.addr("eth0", &format!("{}/64", backend_v6(i)));
-            // DSR: the VIP is local but never announced.
-            b.addr("lo", &format!("{VIP_V4}/32"));
-            b.addr("lo", &format!("{VIP_V6}/128"));
+            // The VIPs are local but never announced (DSR and IP-in-IP).
+            for vip in [VIP_V4.to_string(), VIP_IPIP_V4.to_string()] {
+                b.addr("lo", &format!("{vip}/32"));
+            }
+            for vip in [VIP_V6.to_string(), VIP_IPIP_V6.to_string()] {
+                b.addr("lo", &format!("{vip}/128"));
+            }
             b.sysctl("net.ipv4.conf.all.arp_ignore", "1");
             b.sysctl("net.ipv4.conf.all.arp_announce", "2");
+            b.sysctl("net.ipv4.conf.all.rp_filter", "0");
+            b.sysctl("net.ipv4.conf.eth0.rp_filter", "0");
             backend_macs.push(b.mac("eth0"));
             backends.push(b);
         }
 
-        // The client sends VIP traffic to the LB's MAC.
-        client.neigh_permanent("eth0", VIP_V4.into(), lb_mac);
-        client.neigh_permanent("eth0", VIP_V6.into(), lb_mac);
+        // The clients send VIP traffic to the LB's MAC.
+        for client in &clients {
+            for vip in [
+                VIP_V4.into(),
+                VIP_V6.into(),
+                VIP_IPIP_V4.into(),
+                VIP_IPIP_V6.into(),
+            ] {
+                client.neigh_permanent("eth0", vip, lb_mac);
+            }
+        }
 
         let servers = (1..=N_BACKENDS)
-            .map(|i| Some(start_server(&backends[usize::from(i - 1)], i)))
+            .map(|i| {
+                opts.thread_servers
+                    .then(|| start_server(&backends[usize::from(i - 1)], i))
+            })
             .collect();
 
         // XDP_TX from the LB's interface lands on its switch-side peer,
@@ -422,33 +575,59 @@ impl LabNet {
         // never arrive: veth only kicks the peer's NAPI after XDP_TX when
         // the peer has an XDP program), so the peer gets an XDP_PASS
         // program: the object's `bench_pass`, attached in the switch
-        // namespace.
-        let mut peer_pass = Datapath::load(LoadOptions {
-            conn_table_capacity: 16,
-            pin_dir: None,
-        })
-        .unwrap_or_else(|e| panic!("loading the object: {e}"));
-        switch.in_netns(|| {
-            let prog: &mut Xdp = peer_pass
-                .ebpf_mut()
-                .program_mut(PROG_BENCH_PASS)
-                .unwrap_or_else(|| panic!("{PROG_BENCH_PASS} missing from the object"))
-                .try_into()
-                .unwrap_or_else(|e| panic!("{PROG_BENCH_PASS}: {e}"));
-            prog.load()
-                .unwrap_or_else(|e| panic!("loading {PROG_BENCH_PASS}: {e}"));
-            prog.attach("lb0", XdpMode::Driver)
-                .unwrap_or_else(|e| panic!("attaching {PROG_BENCH_PASS} to lb0: {e}"));
-        });
+        // namespace with a pinned link.
+        let pin_dir = opts.pin_dir.clone();
+        switch.in_netns(|| attach_pinned(PROG_BENCH_PASS, "lb0", &pin_dir.join("peer-pass")));
+        if opts.ipip {
+            for (i, b) in backends.iter().enumerate() {
+                let pin = pin_dir.join(format!("decap-b{}", i + 1));
+                b.in_netns(|| attach_pinned(PROG_DECAP, "eth0", &pin));
+            }
+            // IP-in-IP is routed: forwarding on (lbd checks it), and
+            // bpf_fib_lookup needs resolved neighbours for the next hops.
+            lb.sysctl("net.ipv4.conf.all.forwarding", "1");
+            lb.sysctl("net.ipv4.conf.eth0.forwarding", "1");
+            lb.sysctl("net.ipv6.conf.all.forwarding", "1");
+            lb.sysctl("net.ipv6.conf.eth0.forwarding", "1");
+            for (i, mac) in (1..=N_BACKENDS).zip(&backend_macs) {
+                lb.neigh_permanent("eth0", V4.backend(i), *mac);
+                lb.neigh_permanent("eth0", V6.backend(i), *mac);
+            }
+        }
+        let mut clients = clients.into_iter();
+        let client = clients.next().expect("at least one client");
         Self {
             servers,
-            _peer_pass: peer_pass,
+            pins,
             lb_mac,
             backend_macs,
             client,
+            more_clients: clients.collect(),
             lb,
             backends,
             switch,
+            options: opts,
+        }
+    }
+
+    /// Every client namespace, the first one first.
+    pub fn clients(&self) -> Vec<&NetNs> {
+        std::iter::once(&self.client)
+            .chain(&self.more_clients)
+            .collect()
+    }
+
+    /// Leaves the namespaces (and pins) in place when this drops.
+    pub fn keep(&mut self) {
+        for ns in [&mut self.switch, &mut self.client, &mut self.lb]
+            .into_iter()
+            .chain(self.more_clients.iter_mut())
+            .chain(self.backends.iter_mut())
+        {
+            ns.keep();
+        }
+        if let Some(p) = self.pins.take() {
+            std::mem::forget(p);
         }
     }
 
@@ -472,6 +651,7 @@ impl LabNet {
     pub fn names(&self) -> Vec<String> {
         [&self.switch, &self.client, &self.lb]
             .into_iter()
+            .chain(&self.more_clients)
             .chain(&self.backends)
             .map(|n| n.name().to_owned())
             .collect()
@@ -777,6 +957,68 @@ pub fn batch(n: usize, mut one: impl FnMut(usize) -> Result<(u16, String), Strin
     }
     b.elapsed = t0.elapsed();
     b
+}
+
+/// Long-lived TCP connections through VIPs (the servers' `HOLD` mode),
+/// each answering every line with its backend's name.
+pub struct Held {
+    conns: Vec<(TcpStream, std::io::BufReader<TcpStream>, String)>,
+}
+
+impl Held {
+    /// Opens `n` connections from `client`, spread over `vips` (port 80).
+    pub fn open(client: &NetNs, vips: &[IpAddr], n: usize) -> Self {
+        use std::io::BufRead as _;
+        let conns = client.in_netns(|| {
+            (0..n)
+                .map(|i| {
+                    let vip = vips[i % vips.len()];
+                    let mut s =
+                        TcpStream::connect_timeout(&SocketAddr::new(vip, TCP_PORT), IO_TIMEOUT)
+                            .unwrap_or_else(|e| panic!("held connection {i} to {vip}: {e}"));
+                    s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+                    s.write_all(b"HOLD\n").expect("HOLD");
+                    let mut r = std::io::BufReader::new(s.try_clone().expect("clone"));
+                    let mut name = String::new();
+                    r.read_line(&mut name).expect("held connection greeting");
+                    (s, r, name.trim().to_owned())
+                })
+                .collect()
+        });
+        Self { conns }
+    }
+
+    /// Every connection still answers, from the same backend; returns the
+    /// failures (resets, timeouts, another backend).
+    pub fn check(&mut self) -> Vec<String> {
+        use std::io::BufRead as _;
+        let mut bad = Vec::new();
+        for (i, (s, r, name)) in self.conns.iter_mut().enumerate() {
+            let mut line = String::new();
+            let ok = s.write_all(b"ping\n").is_ok() && r.read_line(&mut line).is_ok_and(|n| n > 0);
+            if !ok || line.trim() != name {
+                bad.push(format!("held connection {i} to {name}: got {line:?}"));
+            }
+        }
+        bad
+    }
+
+    /// Connections per backend name.
+    pub fn backends(&self) -> BTreeMap<String, usize> {
+        let mut m = BTreeMap::new();
+        for (_, _, n) in &self.conns {
+            *m.entry(n.clone()).or_default() += 1;
+        }
+        m
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
 }
 
 /// The LB host's own TCP service: accepts one connection (bounded wait),

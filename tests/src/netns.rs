@@ -75,6 +75,8 @@ fn run_checked(cmd: &[&str]) -> Output {
 #[derive(Debug)]
 pub struct NetNs {
     name: String,
+    /// Left in place on drop (the persistent `cargo xtask lab`).
+    keep: bool,
 }
 
 impl NetNs {
@@ -84,9 +86,18 @@ impl NetNs {
     pub fn new(prefix: &str) -> Self {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let name = format!("{prefix}-{}-{n}", std::process::id());
+        Self::create(name)
+    }
+
+    /// Creates exactly `name` (for the persistent lab; fails if it exists).
+    pub fn named(name: &str) -> Self {
+        Self::create(name.to_owned())
+    }
+
+    fn create(name: String) -> Self {
         run_checked(&["ip", "netns", "add", &name]);
         // From here on the guard deletes the namespace even if setup fails.
-        let ns = Self { name };
+        let ns = Self { name, keep: false };
         ns.ip(&["link", "set", "lo", "up"]);
         ns.run(&[
             "sysctl",
@@ -327,8 +338,18 @@ impl NetNs {
     }
 }
 
+impl NetNs {
+    /// Leaves the namespace in place when the guard drops.
+    pub fn keep(&mut self) {
+        self.keep = true;
+    }
+}
+
 impl Drop for NetNs {
     fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
         // Never panic here: this also runs while a test unwinds.
         match Command::new("ip")
             .args(["netns", "delete", &self.name])

@@ -10,7 +10,7 @@
 //! on panic.
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpStream},
     time::{Duration, Instant},
 };
@@ -18,7 +18,7 @@ use std::{
 use lb_tests::{
     agent::{LabConfig, Lbd},
     lab::{
-        Batch, IO_TIMEOUT, LabNet, N_BACKENDS, TCP_PORT, UDP_PORT, UDP_SRC_BASE, V4, V6,
+        Batch, Held, IO_TIMEOUT, LabNet, N_BACKENDS, TCP_PORT, UDP_PORT, UDP_SRC_BASE, V4, V6,
         backend_name, batch, tcp_request, udp_request,
     },
     scenario::{VIP_V4, VIP_V6},
@@ -63,51 +63,6 @@ fn assert_all_answered(what: &str, batches: &[Batch], n: usize, lbd: &Lbd) {
             &b.failures[..b.failures.len().min(5)],
             lbd.log()
         );
-    }
-}
-
-/// Long-lived TCP connections to the VIP, each answering a line per line.
-struct Held {
-    conns: Vec<(TcpStream, BufReader<TcpStream>, String)>,
-}
-
-impl Held {
-    fn open(net: &LabNet, n: usize) -> Self {
-        let conns = net.client.in_netns(|| {
-            (0..n)
-                .map(|i| {
-                    let vip = if i % 2 == 0 {
-                        IpAddr::V4(VIP_V4)
-                    } else {
-                        IpAddr::V6(VIP_V6)
-                    };
-                    let mut s =
-                        TcpStream::connect_timeout(&SocketAddr::new(vip, TCP_PORT), IO_TIMEOUT)
-                            .expect("connect a held connection");
-                    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-                    s.write_all(b"HOLD\n").unwrap();
-                    let mut r = BufReader::new(s.try_clone().unwrap());
-                    let mut name = String::new();
-                    r.read_line(&mut name).expect("held connection greeting");
-                    (s, r, name.trim().to_owned())
-                })
-                .collect()
-        });
-        Self { conns }
-    }
-
-    /// Every connection still answers, from the same backend. Returns the
-    /// number of failures (resets, timeouts, other backend).
-    fn check(&mut self) -> Vec<String> {
-        let mut bad = Vec::new();
-        for (i, (s, r, name)) in self.conns.iter_mut().enumerate() {
-            let mut line = String::new();
-            let ok = s.write_all(b"ping\n").is_ok() && r.read_line(&mut line).is_ok_and(|n| n > 0);
-            if !ok || line.trim() != name {
-                bad.push(format!("held connection {i} to {name}: got {line:?}"));
-            }
-        }
-        bad
     }
 }
 
@@ -178,7 +133,7 @@ fn agent_programs_reloads_and_edits_backends() {
     lbd.write_config(&good);
 
     // Drain backend 1 of web4: held connection to it survives, no new flows.
-    let mut held = Held::open(&net, 12);
+    let mut held = Held::open(&net.client, &[IpAddr::V4(VIP_V4), IpAddr::V6(VIP_V6)], 12);
     lbd.lbctl_ok(&["backend", "drain", "web4", &V4.backend(1).to_string()]);
     let st = lbd.status();
     let b1 = &vip_status(&st, "web4").backends[0];
@@ -250,7 +205,7 @@ fn restart_keeps_forwarding_and_connections() {
     lbd.write_config(&lbd.lab_config(&net, &LabConfig::default()));
     lbd.start(&net.lb);
     let generation = lbd.status().generation;
-    let mut held = Held::open(&net, 16);
+    let mut held = Held::open(&net.client, &[IpAddr::V4(VIP_V4), IpAddr::V6(VIP_V6)], 16);
 
     // lbd stops: forwarding goes on (the link and maps are pinned).
     lbd.stop();
@@ -270,6 +225,13 @@ fn restart_keeps_forwarding_and_connections() {
     lbd.start(&net.lb);
     let st = lbd.status();
     assert!(st.adopted, "{st:#?}");
+    assert!(
+        st.events
+            .iter()
+            .any(|e| e.contains("verified against saved state")),
+        "the restart must adopt through the saved state: {:?}",
+        st.events
+    );
     assert_eq!(
         st.generation, generation,
         "an unchanged config must keep its generation"

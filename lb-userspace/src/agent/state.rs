@@ -94,13 +94,22 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("lbd-state-test-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         assert_eq!(load(&dir).unwrap(), None);
+        // A real allocator (maps keyed by tuples) must survive JSON.
+        let spec: DataplaneSpec = serde_json::from_str(
+            r#"{"hash_seed":1,"ipip_source_v4":null,"ipip_source_v6":null,"generation":3,"vips":[{"address":"198.18.0.10","port":80,"protocol":"tcp","backends":[{"address":"198.18.1.1","weight":1,"mac":"02:00:00:00:00:01"}]}]}"#,
+        )
+        .unwrap();
+        let alloc = crate::plan::plan(&spec, &IdAllocator::default())
+            .unwrap()
+            .allocator;
+        assert_ne!(alloc, IdAllocator::default());
         let mut st = AppliedState {
             version: STATE_VERSION,
             layout: lb_common::LAYOUT_VERSION,
             generation: 7,
             config_digest: digest("x"),
-            spec: DataplaneSpec::default(),
-            allocator_before: IdAllocator::default(),
+            spec,
+            allocator_before: alloc,
         };
         save(&dir, &st).unwrap();
         assert_eq!(load(&dir).unwrap(), Some(st.clone()));
