@@ -47,6 +47,13 @@ enum Task {
     /// real TCP and UDP traffic and shows the per-backend distribution.
     /// Needs root.
     Demo,
+    /// The built-in lab left running: `up` (namespaces, servers, lbd),
+    /// `down` (removes everything, also after a crash), `status`.
+    /// Needs root.
+    Lab {
+        #[arg(value_parser = ["up", "down", "status"])]
+        action: String,
+    },
 }
 
 fn root() -> PathBuf {
@@ -156,6 +163,26 @@ fn main() -> anyhow::Result<()> {
                     "--",
                     "--out",
                     "bench-results",
+                ]),
+            )
+        }
+        Task::Lab { action } => {
+            require_root("lab")?;
+            if action != "down" {
+                setup()?;
+            }
+            run(
+                &format!("lab {action}"),
+                cargo().args([
+                    "run",
+                    "--release",
+                    "-q",
+                    "-p",
+                    "lb-tests",
+                    "--bin",
+                    "lb-lab",
+                    "--",
+                    &action,
                 ]),
             )
         }
