@@ -140,6 +140,18 @@ pub enum BackendOp {
     SetWeight { weight: u32 },
 }
 
+impl std::fmt::Display for BackendOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Drain => f.write_str("drain"),
+            Self::Undrain => f.write_str("undrain"),
+            Self::Disable => f.write_str("disable"),
+            Self::Enable => f.write_str("enable"),
+            Self::SetWeight { weight } => write!(f, "set-weight {weight}"),
+        }
+    }
+}
+
 impl BackendOp {
     /// The admin state or weight this op sets in the config file.
     pub const fn edit(self) -> crate::config::BackendEdit {

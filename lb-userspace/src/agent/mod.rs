@@ -674,12 +674,7 @@ impl Agent {
         self.change_file(
             cfg,
             &text,
-            &Origin::new(
-                "backend",
-                actor,
-                format!("{op:?} {vip} {backend}").to_lowercase(),
-            )
-            .at(started),
+            &Origin::new("backend", actor, format!("{vip} {backend}: {op}")).at(started),
             &Gate::Policy { force },
         )
     }
