@@ -8,13 +8,14 @@
 
 /// Version of the pinned map layout. A newer agent refuses to adopt pinned
 /// maps of another version instead of misreading them.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 // ---- map names (the static names in lb-ebpf) ----
 /// `HashMap<VipKey, VipMeta>`: the VIPs.
 pub const MAP_VIPS: &str = "VIPS";
-/// `ArrayOfMaps<Array<u32, MAX_RING_SIZE>>`: per-VIP Maglev lookup tables
-/// (slot → backend id), indexed by `VipMeta::vip_id`.
+/// `ArrayOfMaps<Array<RingChunk, RING_CHUNKS>>`: per-VIP Maglev lookup
+/// tables (slot → backend id, 32 slots per element), indexed by
+/// `VipMeta::vip_id`.
 pub const MAP_RINGS: &str = "RINGS";
 /// `Array<Backend, MAX_BACKENDS>`: backends by id.
 pub const MAP_BACKENDS: &str = "BACKENDS";
@@ -89,6 +90,23 @@ pub const fn vip_filter_bit(addr: &[u32; 4]) -> (u32, u64) {
 pub const MAX_TX_PORTS: u32 = 64;
 /// Ring slot value meaning "no backend" (an empty VIP).
 pub const BACKEND_NONE: u32 = u32::MAX;
+
+/// Slots per element of a lookup table (inner map): one 64-byte element
+/// holds 32 backend ids as `u16`, so a 65537-slot table takes 128 KiB
+/// instead of 512 KiB (an array stores a `u32` value in 8 bytes), and a
+/// packet's random slot touches a smaller, more cache-resident table.
+pub const RING_CHUNK_SLOTS: u32 = 32;
+/// Elements of every lookup table: slot `s` is `chunk[s % 32]` of element
+/// `s / 32`.
+pub const RING_CHUNKS: u32 = MAX_RING_SIZE.div_ceil(RING_CHUNK_SLOTS);
+/// Value of a lookup-table element: 32 consecutive slots.
+pub type RingChunk = [u16; RING_CHUNK_SLOTS as usize];
+/// [`BACKEND_NONE`] as stored in a lookup-table slot. It is not a valid
+/// backend id (ids are below [`MAX_BACKENDS`]), so the data path's
+/// `BACKENDS` lookup misses on it.
+pub const RING_SLOT_NONE: u16 = u16::MAX;
+const _: () = assert!(MAX_BACKENDS <= RING_SLOT_NONE as u32);
+const _: () = assert!(core::mem::size_of::<RingChunk>() == 64);
 /// `BPF_F_MMAPABLE`: lookup tables can be memory-mapped and filled with one
 /// copy instead of one syscall per slot.
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;

@@ -16,6 +16,7 @@ use crate::{
     maps::TX_PORTS,
     outcome::Outcome,
     parse::{IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HLEN, IPV6_HLEN, L3, ptr_at},
+    select::Chosen,
 };
 
 const AF_INET: u8 = 2;
@@ -30,7 +31,7 @@ pub fn dsr(ctx: &XdpContext, backend: &Backend) -> Outcome {
     let Some(eth) = ptr_at::<[u16; 6]>(ctx, 0) else {
         return Outcome::drop(STAT_DROP_ENCAP);
     };
-    let mac = backend.mac;
+    let mac = &backend.mac;
     // SAFETY: bounds checked by ptr_at; 2-byte stores into the frame.
     unsafe {
         let e = &mut *eth;
@@ -127,20 +128,27 @@ fn transmit(ctx: &XdpContext, fib: &FibParams) -> Outcome {
     }
 }
 
-/// IP-in-IP towards `backend`: IPv4 in IPv4 or IPv6 in IPv6.
+/// IP-in-IP towards the chosen backend: IPv4 in IPv4 or IPv6 in IPv6.
+/// The outer source varies with the flow hash of `key`: the one selection
+/// computed if any, else computed here.
 #[inline(always)]
 pub fn ipip(
     ctx: &XdpContext,
     l3_off: usize,
     l3: &L3,
-    backend: &Backend,
+    chosen: &Chosen,
     key: &FlowKey,
     cfg: &GlobalConfig,
 ) -> Outcome {
+    let backend = chosen.backend;
+    let hash = match chosen.hash {
+        Some(h) => h,
+        None => flow_hash(key, cfg.hash_seed),
+    };
     let res = if l3.family == FAMILY_V4 {
-        ipip4(ctx, l3_off, l3, backend, key, cfg)
+        ipip4(ctx, l3_off, l3, backend, hash, cfg)
     } else {
-        ipip6(ctx, l3_off, l3, backend, key, cfg)
+        ipip6(ctx, l3_off, l3, backend, hash, cfg)
     };
     match res {
         Ok(o) | Err(o) => o,
@@ -153,7 +161,7 @@ fn ipip4(
     l3_off: usize,
     l3: &L3,
     backend: &Backend,
-    key: &FlowKey,
+    hash: u32,
     cfg: &GlobalConfig,
 ) -> Result<Outcome, Outcome> {
     if backend.family != FAMILY_V4 {
@@ -163,11 +171,7 @@ fn ipip4(
     if outer_len > 0xffff {
         return Err(Outcome::drop(STAT_DROP_ENCAP));
     }
-    let src = vary(
-        cfg.ipip_src_v4,
-        cfg.ipip_src_v4_mask,
-        flow_hash(key, cfg.hash_seed),
-    );
+    let src = vary(cfg.ipip_src_v4, cfg.ipip_src_v4_mask, hash);
     let dst = backend.addr[0];
     // SAFETY: bpf_fib_lookup is plain data; all-zero is a valid value.
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
@@ -210,7 +214,7 @@ fn ipip6(
     l3_off: usize,
     l3: &L3,
     backend: &Backend,
-    key: &FlowKey,
+    hash: u32,
     cfg: &GlobalConfig,
 ) -> Result<Outcome, Outcome> {
     if backend.family == FAMILY_V4 {
@@ -220,7 +224,6 @@ fn ipip6(
     if payload_len > 0xffff {
         return Err(Outcome::drop(STAT_DROP_ENCAP));
     }
-    let hash = flow_hash(key, cfg.hash_seed);
     let p = cfg.ipip_src_v6;
     let src = [p[0], p[1], p[2], vary(p[3], cfg.ipip_src_v6_mask, hash)];
     let dst = backend.addr;

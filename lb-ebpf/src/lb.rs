@@ -90,7 +90,7 @@ fn try_process(ctx: &XdpContext) -> Result<Outcome, Outcome> {
     };
     let cfg = config()?;
     let chosen = select::for_flow(&meta, &key, cfg.hash_seed, syn)?;
-    Ok(forward(ctx, &l2, &l3, &meta, &chosen, &key, &cfg))
+    Ok(forward(ctx, &l2, &l3, &meta, &chosen, &key, cfg))
 }
 
 /// The VIP address prefilter: false means "certainly not a VIP address".
@@ -100,12 +100,11 @@ fn maybe_vip(addr: &[u32; 4]) -> bool {
     VIP_FILTER.get(word).is_some_and(|w| *w & mask != 0)
 }
 
+/// The global config, read in place (only new flows and IP-in-IP read
+/// fields of it).
 #[inline(always)]
-fn config() -> Result<GlobalConfig, Outcome> {
-    CONFIG
-        .get(0)
-        .copied()
-        .ok_or(Outcome::drop(STAT_DROP_NO_CONFIG))
+fn config() -> Result<&'static GlobalConfig, Outcome> {
+    CONFIG.get(0).ok_or(Outcome::drop(STAT_DROP_NO_CONFIG))
 }
 
 #[inline(always)]
@@ -151,7 +150,7 @@ fn fragment(ctx: &XdpContext, l2: &L2, l3: &L3, key: &FlowKey) -> Result<Outcome
     let key = key.without_ports();
     let cfg = config()?;
     let chosen = select::from_ring(&meta, &key, cfg.hash_seed)?;
-    Ok(forward(ctx, l2, l3, &meta, &chosen, &key, &cfg))
+    Ok(forward(ctx, l2, l3, &meta, &chosen, &key, cfg))
 }
 
 /// ICMP "fragmentation needed" / ICMPv6 "packet too big" about a VIP flow:
@@ -214,7 +213,7 @@ fn icmp(ctx: &XdpContext, l2: &L2, l3: &L3) -> Result<Outcome, Outcome> {
     count(STAT_ICMP_PTB);
     let cfg = config()?;
     let chosen = select::lookup_only(&meta, &key, cfg.hash_seed)?;
-    Ok(forward(ctx, l2, l3, &meta, &chosen, &key, &cfg))
+    Ok(forward(ctx, l2, l3, &meta, &chosen, &key, cfg))
 }
 
 #[cold]
@@ -237,9 +236,9 @@ fn forward(
     // Counted before forwarding changes the frame, credited only if sent.
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let outcome = if meta.flags & VIP_F_IPIP != 0 {
-        forward::ipip(ctx, l2.l3_off, l3, &chosen.backend, key, cfg)
+        forward::ipip(ctx, l2.l3_off, l3, chosen, key, cfg)
     } else {
-        forward::dsr(ctx, &chosen.backend)
+        forward::dsr(ctx, chosen.backend)
     };
     if outcome.action != xdp_action::XDP_DROP {
         count_traffic(&VIP_STATS, meta.vip_id, bytes, chosen.new_flow);

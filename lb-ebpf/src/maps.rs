@@ -7,14 +7,14 @@ use aya_ebpf::{
 };
 use lb_common::{
     BPF_F_MMAPABLE, Backend, CONN_TABLE_CAPACITY, CONN_TABLE_FLAGS, ConnEntry, DECAP_STAT_COUNT,
-    FlowKey, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE, MAX_TX_PORTS, MAX_VIP_KEYS, MAX_VIPS,
-    STAT_COUNT, TrafficCounters, VIP_FILTER_WORDS, VipKey, VipMeta,
+    FlowKey, GlobalConfig, MAX_BACKENDS, MAX_TX_PORTS, MAX_VIP_KEYS, MAX_VIPS, RING_CHUNKS,
+    RingChunk, STAT_COUNT, TrafficCounters, VIP_FILTER_WORDS, VipKey, VipMeta,
 };
 
-/// A VIP's lookup table: slot → backend id. Memory-mappable so userspace
-/// fills a new table with one copy, then swaps it in with one update of
-/// [`RINGS`].
-pub type Ring = Array<u32, { MAX_RING_SIZE as usize }, { BPF_F_MMAPABLE as usize }>;
+/// A VIP's lookup table: 32 slots per element (`u16` backend ids, see
+/// `lb_common::RING_CHUNK_SLOTS`). Memory-mappable so userspace fills a new
+/// table with one copy, then swaps it in with one update of [`RINGS`].
+pub type Ring = Array<RingChunk, { RING_CHUNKS as usize }, { BPF_F_MMAPABLE as usize }>;
 
 #[btf_map]
 pub static VIPS: HashMap<VipKey, VipMeta, { MAX_VIP_KEYS as usize }> = HashMap::new();
@@ -80,7 +80,9 @@ pub fn count_traffic<const N: usize>(
         unsafe {
             (*c).packets += 1;
             (*c).bytes += bytes;
-            (*c).new_flows += u64::from(new_flow);
+            if new_flow {
+                (*c).new_flows += 1;
+            }
         }
     }
 }

@@ -37,8 +37,9 @@ use aya::{
 use lb_common::{
     BACKEND_NONE, BPF_F_MMAPABLE, Backend, CONN_TABLE_CAPACITY, DECAP_STAT_COUNT, GlobalConfig,
     LAYOUT_VERSION, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_CONN_TABLE, MAP_DECAP_STATS,
-    MAP_RINGS, MAP_STATS, MAP_TX_PORTS, MAP_VIP_FILTER, MAP_VIP_STATS, MAP_VIPS, MAX_RING_SIZE,
-    PROG_DECAP, PROG_LB, STAT_COUNT, TrafficCounters, VipKey, VipMeta,
+    MAP_RINGS, MAP_STATS, MAP_TX_PORTS, MAP_VIP_FILTER, MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS,
+    MAX_RING_SIZE, PROG_DECAP, PROG_LB, RING_CHUNK_SLOTS, RING_CHUNKS, RING_SLOT_NONE, RingChunk,
+    STAT_COUNT, TrafficCounters, VipKey, VipMeta,
 };
 
 use crate::plan::MapPlan;
@@ -656,26 +657,7 @@ impl Datapath {
             }
         }
 
-        let prev_rings: BTreeMap<u32, u64> = prev
-            .map(|p| {
-                p.vips
-                    .iter()
-                    .map(|v| (v.meta.vip_id, v.ring_digest))
-                    .collect()
-            })
-            .unwrap_or_default();
-        {
-            let mut rings: ArrayOfMaps<_, MapData> = self.map_mut(MAP_RINGS)?;
-            for v in &plan.vips {
-                if prev_rings.get(&v.meta.vip_id) == Some(&v.ring_digest) {
-                    continue;
-                }
-                let inner = build_ring(&v.ring)?;
-                rings
-                    .set(v.meta.vip_id, &inner, 0)
-                    .map_err(map_err(MAP_RINGS))?;
-            }
-        }
+        let swapped_any = self.write_rings(plan, prev)?;
 
         // The address filter must admit every address of the old and the
         // new plan while both may be in the VIP map.
@@ -686,8 +668,21 @@ impl Datapath {
             .enumerate()
             .map(|(i, w)| w | old_filter.get(i).copied().unwrap_or(0))
             .collect();
-        self.write_filter(&union)?;
+        if prev.is_none() || union != old_filter {
+            self.write_filter(&union)?;
+        }
 
+        // VIP entries: only those that are new or changed (each insert is
+        // one atomic hash update).
+        let before: std::collections::HashMap<VipKey, VipMeta> = prev
+            .map(|p| {
+                p.vips
+                    .iter()
+                    .map(|v| (v.key, v.meta))
+                    .chain(p.aliases.iter().copied())
+                    .collect()
+            })
+            .unwrap_or_default();
         let mut vips: HashMap<_, VipKey, VipMeta> = self.map_mut(MAP_VIPS)?;
         let mut keys = HashSet::new();
         for (key, meta) in plan
@@ -697,7 +692,9 @@ impl Datapath {
             .chain(plan.aliases.iter().copied())
         {
             keys.insert(key);
-            vips.insert(key, meta, 0).map_err(map_err(MAP_VIPS))?;
+            if before.get(&key) != Some(&meta) {
+                vips.insert(key, meta, 0).map_err(map_err(MAP_VIPS))?;
+            }
         }
         if let Some(prev) = prev {
             for key in prev
@@ -716,10 +713,10 @@ impl Datapath {
                 .iter()
                 .filter(|b| !now.contains(&b.id))
                 .collect();
-            if !gone.is_empty() {
-                // A program that fetched an old table just before the swap
-                // may still pick a backend of it: wait until every such
-                // program has returned before deactivating those backends.
+            if !gone.is_empty() && !swapped_any {
+                // Normally the table swap above already waited for every
+                // program that could pick a departed backend; without a swap
+                // (a VIP removed whole), wait here.
                 wait_for_readers();
             }
             let mut backends: Array<_, Backend> = self.map_mut(MAP_BACKENDS)?;
@@ -733,6 +730,93 @@ impl Datapath {
         }
         if union != plan.vip_filter {
             self.write_filter(&plan.vip_filter)?;
+        }
+        Ok(())
+    }
+
+    /// Builds every changed table aside and swaps them in; returns whether
+    /// any was swapped.
+    fn write_rings(
+        &mut self,
+        plan: &MapPlan,
+        prev: Option<&MapPlan>,
+    ) -> Result<bool, DatapathError> {
+        let prev_rings: BTreeMap<u32, u64> = prev
+            .map(|p| {
+                p.vips
+                    .iter()
+                    .map(|v| (v.meta.vip_id, v.ring_digest))
+                    .collect()
+            })
+            .unwrap_or_default();
+        // New tables are built aside, then swapped in. Each update of the
+        // outer map returns only after an RCU grace period (the kernel waits
+        // for running programs on map-in-map updates), so once the swap is
+        // done no program still uses an old table. One batched update pays
+        // that wait once for all changed VIPs.
+        let mut built = Vec::new();
+        for v in &plan.vips {
+            if prev_rings.get(&v.meta.vip_id) == Some(&v.ring_digest) {
+                continue;
+            }
+            built.push((v.meta.vip_id, build_ring(&v.ring)?));
+        }
+        let swapped_any = !built.is_empty();
+        if swapped_any {
+            self.swap_rings(&built)?;
+        }
+        Ok(swapped_any)
+    }
+
+    /// Points the outer map's slots at new tables: one BPF_MAP_UPDATE_BATCH
+    /// (one grace period for all), or one update per table where the kernel
+    /// does not batch this map type.
+    fn swap_rings(&mut self, built: &[(u32, MapData)]) -> Result<(), DatapathError> {
+        const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+        let fd = {
+            let map = self
+                .loaded
+                .ebpf
+                .map(MAP_RINGS)
+                .ok_or(DatapathError::MissingMap { name: MAP_RINGS })?;
+            let aya::maps::Map::ArrayOfMaps(data) = map else {
+                return Err(DatapathError::MissingMap { name: MAP_RINGS });
+            };
+            data.fd().as_fd().as_raw_fd()
+        };
+        let keys: Vec<u32> = built.iter().map(|(k, _)| *k).collect();
+        let values: Vec<u32> = built
+            .iter()
+            .map(|(_, m)| m.fd().as_fd().as_raw_fd() as u32)
+            .collect();
+        let mut attr = BatchAttr {
+            in_batch: 0,
+            out_batch: 0,
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: keys.len() as u32,
+            map_fd: fd as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: attr is a valid, fully initialised bpf_attr prefix of the
+        // size passed; keys/values outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                std::ptr::from_mut(&mut attr),
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        if rc == 0 && attr.count as usize == keys.len() {
+            return Ok(());
+        }
+        // Not supported here (or partly done): update one by one; setting a
+        // slot again to the same table is harmless.
+        let mut rings: ArrayOfMaps<_, MapData> = self.map_mut(MAP_RINGS)?;
+        for (id, inner) in built {
+            rings.set(*id, inner, 0).map_err(map_err(MAP_RINGS))?;
         }
         Ok(())
     }
@@ -802,19 +886,43 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, Da
         .map_err(|source| DatapathError::Program { name, source })
 }
 
-/// Creates a lookup table as a memory-mappable array and fills it with one
-/// copy (65537 single-slot syscalls take about 60 ms; this takes well
-/// under one). Slots past `ring.len()` hold `BACKEND_NONE`.
-fn build_ring(ring: &[u32]) -> Result<MapData, DatapathError> {
-    const BPF_MAP_TYPE_ARRAY: u32 = 2;
-    // An array's elements are 8-byte aligned: a u32 value occupies 8 bytes.
-    const STRIDE: usize = 8;
-    let obj =
-        aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, 4, MAX_RING_SIZE, BPF_F_MMAPABLE);
-    let data = MapData::create(obj, "lb_ring", None).map_err(map_err(MAP_RINGS))?;
+/// The byte length of a lookup table's memory mapping: `RING_CHUNKS`
+/// elements of 64 bytes (a multiple of 8, so no padding between elements),
+/// rounded up to whole pages.
+fn ring_map_len() -> usize {
     // SAFETY: sysconf has no preconditions.
     let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-    let len = (MAX_RING_SIZE as usize * STRIDE).div_ceil(page) * page;
+    (RING_CHUNKS as usize * size_of::<RingChunk>()).div_ceil(page) * page
+}
+
+/// A backend id as a lookup-table slot: ids are below `MAX_BACKENDS`
+/// (asserted in `lb_common` to fit a `u16`); `BACKEND_NONE`, or anything
+/// that could not be an id, becomes `RING_SLOT_NONE` (the data path then
+/// finds no backend, as it would for `BACKEND_NONE`).
+fn slot_of(id: u32) -> u16 {
+    if id < MAX_BACKENDS {
+        id as u16
+    } else {
+        RING_SLOT_NONE
+    }
+}
+
+/// Creates a lookup table as a memory-mappable array and fills it with one
+/// copy (65537 single-slot syscalls take about 60 ms; this takes well
+/// under one). Slot `s` is entry `s % 32` of element `s / 32` (see
+/// `lb_common::RING_CHUNK_SLOTS`); slots past `ring.len()` hold
+/// `RING_SLOT_NONE`.
+fn build_ring(ring: &[u32]) -> Result<MapData, DatapathError> {
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    let obj = aya_obj::Map::new_from_params(
+        BPF_MAP_TYPE_ARRAY,
+        4,
+        size_of::<RingChunk>() as u32,
+        RING_CHUNKS,
+        BPF_F_MMAPABLE,
+    );
+    let data = MapData::create(obj, "lb_ring", None).map_err(map_err(MAP_RINGS))?;
+    let len = ring_map_len();
     let fd = data.fd().as_fd().as_raw_fd();
     // SAFETY: mapping a BPF_F_MMAPABLE array of `len` bytes (rounded to
     // pages) that we own; unmapped below before the fd can go away.
@@ -831,17 +939,34 @@ fn build_ring(ring: &[u32]) -> Result<MapData, DatapathError> {
     if ptr == libc::MAP_FAILED {
         return Err(DatapathError::Mmap(std::io::Error::last_os_error()));
     }
-    // The mapping is page-aligned, so viewing it as u64 elements is aligned;
-    // the value sits in the element's first four bytes (little-endian).
-    let base = ptr.cast::<u64>();
-    for i in 0..MAX_RING_SIZE as usize {
-        let v = ring.get(i).copied().unwrap_or(BACKEND_NONE);
-        // SAFETY: (i + 1) * STRIDE ≤ len; aligned u64 writes.
-        unsafe { base.add(i).write(u64::from(v)) };
+    // The mapping is page-aligned: viewing it as u16 slots is aligned, and
+    // element `c`'s slots are u16 entries `32c .. 32c + 32`, so slot `s` is
+    // entry `s` of the mapping.
+    let slots = RING_CHUNKS as usize * RING_CHUNK_SLOTS as usize;
+    let table: Vec<u16> = (0..slots)
+        .map(|s| ring.get(s).map_or(RING_SLOT_NONE, |&id| slot_of(id)))
+        .collect();
+    // SAFETY: `slots * 2` bytes ≤ len; the source is a separate allocation.
+    unsafe {
+        std::ptr::copy_nonoverlapping(table.as_ptr(), ptr.cast::<u16>(), slots);
     }
     // SAFETY: ptr/len are the mapping created above.
     unsafe { libc::munmap(ptr, len) };
     Ok(data)
+}
+
+/// `struct bpf_attr` for the batch commands: in_batch, out_batch, keys,
+/// values, count, map_fd, elem_flags, flags.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
 }
 
 /// Waits for an RCU grace period: XDP programs run inside RCU read-side
@@ -858,12 +983,10 @@ fn wait_for_readers() {
     }
 }
 
-/// Reads the first `len` slots of a lookup table (memory-mapped, read only).
+/// Reads the first `len` slots of a lookup table (memory-mapped, read
+/// only), with `RING_SLOT_NONE` read back as `BACKEND_NONE`.
 fn read_ring(inner: &MapData, len: usize) -> Result<Vec<u32>, DatapathError> {
-    const STRIDE: usize = 8;
-    // SAFETY: sysconf has no preconditions.
-    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-    let map_len = (MAX_RING_SIZE as usize * STRIDE).div_ceil(page) * page;
+    let map_len = ring_map_len();
     let fd = inner.fd().as_fd().as_raw_fd();
     // SAFETY: a read-only shared mapping of a BPF_F_MMAPABLE array of
     // `map_len` bytes; unmapped below.
@@ -880,11 +1003,15 @@ fn read_ring(inner: &MapData, len: usize) -> Result<Vec<u32>, DatapathError> {
     if ptr == libc::MAP_FAILED {
         return Err(DatapathError::Mmap(std::io::Error::last_os_error()));
     }
-    let base = ptr.cast::<u64>();
+    let base = ptr.cast::<u16>();
     let len = len.min(MAX_RING_SIZE as usize);
-    // SAFETY: i < MAX_RING_SIZE, so (i + 1) * STRIDE ≤ map_len; aligned.
+    // SAFETY: i < MAX_RING_SIZE ≤ RING_CHUNKS * 32, so (i + 1) * 2 ≤
+    // map_len; page-aligned, so aligned.
     let out = (0..len)
-        .map(|i| unsafe { base.add(i).read() } as u32)
+        .map(|i| match unsafe { base.add(i).read() } {
+            RING_SLOT_NONE => BACKEND_NONE,
+            id => u32::from(id),
+        })
         .collect();
     // SAFETY: ptr/map_len are the mapping created above.
     unsafe { libc::munmap(ptr, map_len) };
