@@ -690,6 +690,61 @@ impl Config {
         self.find_vip_index(selector).map(|i| &self.vips[i])
     }
 
+    /// This config with one backend's state or weight changed (what
+    /// [`edit_backend`] does to the text, done on the parsed config: no
+    /// re-parse). Errors name the known VIPs or backends.
+    pub fn with_backend_edit(
+        &self,
+        vip: &str,
+        backend: IpAddr,
+        edit: BackendEdit,
+    ) -> Result<Self, ConfigErrors> {
+        let fail = |message: String, hint: &str| {
+            ConfigErrors(vec![ConfigIssue::new("", message).with_hint(hint)])
+        };
+        let Some(i) = self.find_vip_index(vip) else {
+            let known: Vec<String> = self
+                .vips
+                .iter()
+                .map(|v| format!("{:?} ({})", v.name, v.id()))
+                .collect();
+            return Err(fail(
+                format!("no VIP {vip:?}; known VIPs: {}", known.join(", ")),
+                "select a VIP by name or as address:port/protocol, e.g. 198.18.0.10:80/tcp",
+            ));
+        };
+        let mut out = self.clone();
+        let v = &mut out.vips[i];
+        let label = v.label();
+        let Some(b) = v.backends.iter_mut().find(|b| b.address == backend) else {
+            let known: Vec<String> = self.vips[i]
+                .backends
+                .iter()
+                .map(|b| b.address.to_string())
+                .collect();
+            return Err(fail(
+                format!(
+                    "{label}: no backend {backend}; its backends are {}",
+                    known.join(", ")
+                ),
+                "give the backend's address exactly as in the config",
+            ));
+        };
+        match edit {
+            BackendEdit::State(st) => b.state = st,
+            BackendEdit::Weight(w) if w > MAX_WEIGHT => {
+                return Err(fail(
+                    format!(
+                        "{label}: backend {backend}: weight {w} is out of range 0..={MAX_WEIGHT}"
+                    ),
+                    "weights are relative: scale them into 0..=10000",
+                ));
+            }
+            BackendEdit::Weight(w) => b.weight = w,
+        }
+        Ok(out)
+    }
+
     fn find_vip_index(&self, selector: &str) -> Option<usize> {
         if let Some(i) = self.vips.iter().position(|v| v.name == selector) {
             return Some(i);

@@ -179,6 +179,8 @@ pub struct PlannedVip {
     /// Maglev, id) and the seed: a later plan with the same input reuses
     /// the table instead of rebuilding it.
     pub table_input: (Vec<(IpAddr, u32, u32)>, u32),
+    /// Slots per backend id in `ring` (computed once per table).
+    pub slot_counts: std::sync::Arc<BTreeMap<u32, u32>>,
 }
 
 /// One backend of one VIP.
@@ -414,7 +416,7 @@ fn plan_vip(
         seed,
     );
     let reused = old.filter(|o| o.table_input == table_input);
-    let ring = match reused {
+    let ring: std::sync::Arc<[u32]> = match reused {
         Some(o) => o.ring.clone(),
         None => maglev::build_table(&maglev_input, vip.table_size, seed)
             .map_err(|source| PlanError::Maglev { vip: id, source })?
@@ -440,6 +442,25 @@ fn plan_vip(
         fleet_digest: reused.map_or_else(
             || fleet_digest(&ring, &backends[first_backend..]),
             |o| o.fleet_digest,
+        ),
+        slot_counts: reused.map_or_else(
+            || {
+                let mut counts = vec![0u32; MAX_BACKENDS as usize];
+                for &id in ring.iter() {
+                    if let Some(c) = counts.get_mut(id as usize) {
+                        *c += 1;
+                    }
+                }
+                std::sync::Arc::new(
+                    counts
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, c)| **c > 0)
+                        .map(|(id, c)| (id as u32, *c))
+                        .collect(),
+                )
+            },
+            |o| o.slot_counts.clone(),
         ),
         ring,
         table_input,

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     config::{Config, Policy},
     model::{BackendState, VipId},
-    plan::{MapPlan, PlannedVip},
+    plan::{MapPlan, PlannedBackend, PlannedVip},
 };
 
 /// One backend's shares.
@@ -77,45 +77,39 @@ impl Verdict {
     }
 }
 
-/// Backend address by id for one VIP (ids index a vector: lookups are
-/// per slot, 65537 per table).
-fn id_addresses(plan: &MapPlan, v: &PlannedVip) -> Vec<Option<IpAddr>> {
-    let mut out = vec![None; lb_common::MAX_BACKENDS as usize];
-    for b in plan.backends.iter().filter(|b| b.vip == v.vip) {
-        if let Some(slot) = out.get_mut(b.id as usize) {
-            *slot = Some(b.address);
-        }
-    }
-    out
+/// Backend address by id for one VIP's members.
+fn id_addresses(members: &[&PlannedBackend]) -> BTreeMap<u32, IpAddr> {
+    members.iter().map(|b| (b.id, b.address)).collect()
 }
 
-fn addr_of(ids: &[Option<IpAddr>], id: u32) -> Option<IpAddr> {
-    ids.get(id as usize).copied().flatten()
+fn addr_of(ids: &BTreeMap<u32, IpAddr>, id: u32) -> Option<IpAddr> {
+    ids.get(&id).copied()
 }
 
 /// Shares of each backend address in one VIP's table.
-fn table_shares(ids: &[Option<IpAddr>], v: &PlannedVip) -> BTreeMap<IpAddr, f64> {
-    let mut counts = vec![0u32; ids.len()];
-    for &id in v.ring.iter() {
-        if let Some(c) = counts.get_mut(id as usize) {
-            *c += 1;
-        }
-    }
+fn table_shares(ids: &BTreeMap<u32, IpAddr>, v: &PlannedVip) -> BTreeMap<IpAddr, f64> {
     let n = v.ring.len().max(1) as f64;
-    counts
+    v.slot_counts
         .iter()
-        .enumerate()
-        .filter(|(_, c)| **c > 0)
-        .filter_map(|(id, c)| addr_of(ids, id as u32).map(|a| (a, f64::from(*c) / n)))
+        .filter_map(|(id, c)| addr_of(ids, *id).map(|a| (a, f64::from(*c) / n)))
         .collect()
+}
+
+/// Backends of each VIP.
+fn by_vip(plan: &MapPlan) -> BTreeMap<VipId, Vec<&PlannedBackend>> {
+    let mut m: BTreeMap<VipId, Vec<&PlannedBackend>> = BTreeMap::new();
+    for b in &plan.backends {
+        m.entry(b.vip).or_default().push(b);
+    }
+    m
 }
 
 /// Fraction of the flow space that lands on another backend. Same size:
 /// slot by slot (exact); different sizes: 65536 evenly spread hashes.
 fn moved_fraction(
-    old_ids: &[Option<IpAddr>],
+    old_ids: &BTreeMap<u32, IpAddr>,
     old: &PlannedVip,
-    new_ids: &[Option<IpAddr>],
+    new_ids: &BTreeMap<u32, IpAddr>,
     new: &PlannedVip,
 ) -> f64 {
     const SAMPLES: u32 = 65536;
@@ -152,6 +146,8 @@ fn moved_fraction(
 pub fn evaluate(prev: Option<&MapPlan>, next: &MapPlan, cfg: &Config) -> Verdict {
     let p = &cfg.policy;
     let names: BTreeMap<VipId, &str> = cfg.vips.iter().map(|v| (v.id(), v.name.as_str())).collect();
+    let next_members = by_vip(next);
+    let prev_members = prev.map(by_vip).unwrap_or_default();
     let prev_vips: BTreeMap<VipId, &PlannedVip> = prev
         .map(|pl| pl.vips.iter().map(|v| (v.vip, v)).collect())
         .unwrap_or_default();
@@ -163,11 +159,10 @@ pub fn evaluate(prev: Option<&MapPlan>, next: &MapPlan, cfg: &Config) -> Verdict
         let name = names.get(&v.vip).copied().unwrap_or("?");
         let label = format!("VIP {name} ({})", v.vip);
         let before_plan = prev_vips.get(&v.vip).copied();
-        let new_ids = id_addresses(next, v);
-        let old_ids = match (prev, before_plan) {
-            (Some(pl), Some(b)) => Some(id_addresses(pl, b)),
-            _ => None,
-        };
+        let empty = Vec::new();
+        let members: &Vec<&PlannedBackend> = next_members.get(&v.vip).unwrap_or(&empty);
+        let new_ids = id_addresses(members);
+        let old_ids = before_plan.map(|b| id_addresses(prev_members.get(&b.vip).unwrap_or(&empty)));
         let after = table_shares(&new_ids, v);
         // Same table, same owners: nothing to recount.
         let same = before_plan.is_some_and(|b| {
@@ -178,7 +173,6 @@ pub fn evaluate(prev: Option<&MapPlan>, next: &MapPlan, cfg: &Config) -> Verdict
             (Some(ids), Some(b)) => Some(table_shares(ids, b)),
             _ => None,
         };
-        let members: Vec<_> = next.backends.iter().filter(|b| b.vip == v.vip).collect();
         let taking: Vec<_> = members
             .iter()
             .filter(|b| b.state == BackendState::Active && b.weight > 0)
@@ -229,7 +223,7 @@ pub fn evaluate(prev: Option<&MapPlan>, next: &MapPlan, cfg: &Config) -> Verdict
             taking.len(),
             moved,
             before_plan.is_some(),
-            prev,
+            prev.map(|_| prev_members.get(&v.vip).map_or(&[][..], Vec::as_slice)),
             &mut out.violations,
         );
         out.vips.push(VipVerdict {
@@ -267,7 +261,7 @@ fn check_vip(
     taking: usize,
     moved: f64,
     existed: bool,
-    prev: Option<&MapPlan>,
+    prev_members: Option<&[&PlannedBackend]>,
     violations: &mut Vec<String>,
 ) {
     let min = cfg
@@ -312,11 +306,10 @@ fn check_vip(
             p.max_flows_moved * 100.0
         ));
     }
-    if let Some(pl) = prev {
-        let was: BTreeSet<IpAddr> = pl
-            .backends
+    if let Some(members) = prev_members {
+        let was: BTreeSet<IpAddr> = members
             .iter()
-            .filter(|b| b.vip == v.vip && b.state == BackendState::Active && b.weight > 0)
+            .filter(|b| b.state == BackendState::Active && b.weight > 0)
             .map(|b| b.address)
             .collect();
         let still: BTreeSet<IpAddr> = backends

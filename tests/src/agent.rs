@@ -266,7 +266,10 @@ impl Lbd {
             .command(bin("lbd"))
             .arg("--config")
             .arg(&self.config_path)
-            .env("LBD_LOG", "info")
+            .env(
+                "LBD_LOG",
+                std::env::var("LBD_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)

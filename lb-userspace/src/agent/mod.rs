@@ -56,6 +56,40 @@ pub enum Gate {
     Rollback,
 }
 
+/// The config text of a change: given, or made from the live text after
+/// the maps are written (a CLI edit re-serialises the whole file, which
+/// need not delay the data path).
+pub enum Source {
+    Text(String),
+    Edit {
+        base: String,
+        vip: String,
+        backend: IpAddr,
+        edit: config::BackendEdit,
+    },
+}
+
+impl From<String> for Source {
+    fn from(s: String) -> Self {
+        Self::Text(s)
+    }
+}
+
+impl Source {
+    fn resolve(self, file: &str) -> Result<String, AgentError> {
+        match self {
+            Self::Text(t) => Ok(t),
+            Self::Edit {
+                base,
+                vip,
+                backend,
+                edit,
+            } => config::edit_backend(&base, &vip, backend, edit)
+                .map_err(|e| AgentError::Config(e.with_file(file))),
+        }
+    }
+}
+
 /// Where a change comes from, for the history.
 #[derive(Clone, Debug, Default)]
 pub struct Origin {
@@ -389,10 +423,15 @@ impl Agent {
 
     /// Plans `cfg` at `generation` against what is live (nothing written).
     pub fn prepare(&self, cfg: &Config, generation: u64) -> Result<Prepared, AgentError> {
+        let t = Instant::now();
         let (serve, alerts) = self.serve_sets(cfg);
         let spec = cfg.dataplane_spec(generation, &|v: &VipConfig, b| {
             serve.get(&v.id()).is_none_or(|s| s.contains(&b.address))
         });
+        tracing::debug!(
+            "serve sets and spec: {:.1} ms",
+            t.elapsed().as_secs_f64() * 1e3
+        );
         let (before, planned) = match self.datapath.applied() {
             Some(prev) => (prev.allocator.clone(), plan::plan_next(&spec, prev)?),
             None => (
@@ -400,7 +439,9 @@ impl Agent {
                 plan::plan(&spec, &self.base_allocator)?,
             ),
         };
+        tracing::debug!("planned: {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
         let verdict = policy::evaluate(self.datapath.applied(), &planned, cfg);
+        tracing::debug!("judged: {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
         Ok(Prepared {
             serve,
             alerts,
@@ -415,7 +456,7 @@ impl Agent {
     fn apply(
         &mut self,
         cfg: Config,
-        source: String,
+        source: impl Into<Source>,
         generation: u64,
         origin: &Origin,
         gate: &Gate,
@@ -425,7 +466,15 @@ impl Agent {
         }
         let why = origin.describe();
         let t0 = origin.started.unwrap_or_else(Instant::now);
+        tracing::debug!(
+            "{why}: validated {:.1} ms after the request",
+            t0.elapsed().as_secs_f64() * 1e3
+        );
         let prepared = self.prepare(&cfg, generation)?;
+        tracing::debug!(
+            "{why}: planned and judged {:.1} ms after the request",
+            t0.elapsed().as_secs_f64() * 1e3
+        );
         let mut overridden = Vec::new();
         if let Gate::Policy { force } = gate
             && !prepared.verdict.passed()
@@ -446,7 +495,15 @@ impl Agent {
         let diff = diff_lines(&prepared.verdict);
         let previous = self.generation;
         overridden.extend(origin.overridden.iter().cloned());
-        let report = self.commit(prepared, cfg, source, generation, &why, t0, overridden)?;
+        let report = self.commit(
+            prepared,
+            cfg,
+            source.into(),
+            generation,
+            &why,
+            t0,
+            overridden,
+        )?;
         if matches!(origin.kind, "reload" | "backend" | "apply") && generation != previous {
             self.start_guard(generation, previous);
         }
@@ -479,7 +536,7 @@ impl Agent {
         &mut self,
         prepared: Prepared,
         cfg: Config,
-        source: String,
+        source: Source,
         generation: u64,
         why: &str,
         t0: Instant,
@@ -494,14 +551,26 @@ impl Agent {
             verdict: _,
         } = prepared;
         let changed = self.datapath.applied() != Some(&planned);
+        let previous = self.datapath.applied().cloned();
         if changed {
-            let fresh = self.datapath.applied().is_none() && self.datapath.adopted();
+            let fresh = previous.is_none() && self.datapath.adopted();
             self.datapath.apply(&planned)?;
             if fresh {
                 self.datapath.remove_unplanned(&planned)?;
             }
         }
         let live_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let file = self.opts.config_path.display().to_string();
+        let source = match source.resolve(&file) {
+            Ok(s) => s,
+            Err(e) => {
+                // Cannot record the change: put the maps back.
+                if changed && let Some(p) = &previous {
+                    let _ = self.datapath.apply(p);
+                }
+                return Err(e);
+            }
+        };
         let st = state::AppliedState {
             version: state::STATE_VERSION,
             layout: lb_common::LAYOUT_VERSION,
@@ -669,11 +738,24 @@ impl Agent {
     ) -> Result<ChangeReport, AgentError> {
         let started = Instant::now();
         let file = self.opts.config_path.display().to_string();
-        let text = config::edit_backend(&self.source, vip, backend, op.edit())?;
-        let cfg = config::check(&text, &file, HostChecks::Yes)?;
+        let cfg = self
+            .config
+            .with_backend_edit(vip, backend, op.edit())
+            .map_err(|e| e.with_file(&file))?;
+        config::validate(&cfg, "", &file, HostChecks::Yes)?;
+        tracing::debug!(
+            "edited and validated {:.1} ms after the request",
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        let source = Source::Edit {
+            base: self.source.clone(),
+            vip: vip.to_owned(),
+            backend,
+            edit: op.edit(),
+        };
         self.change_file(
             cfg,
-            &text,
+            source,
             &Origin::new("backend", actor, format!("{vip} {backend}: {op}")).at(started),
             &Gate::Policy { force },
         )

@@ -18,13 +18,9 @@ use crate::{
 pub fn table_shares(plan: &MapPlan) -> BTreeMap<u32, f64> {
     let mut out = BTreeMap::new();
     for v in &plan.vips {
-        let mut counts: BTreeMap<u32, u64> = BTreeMap::new();
-        for id in v.ring.iter() {
-            *counts.entry(*id).or_default() += 1;
-        }
         let n = v.ring.len().max(1) as f64;
-        for (id, c) in counts {
-            out.insert(id, c as f64 / n);
+        for (id, c) in v.slot_counts.iter() {
+            out.insert(*id, f64::from(*c) / n);
         }
     }
     out

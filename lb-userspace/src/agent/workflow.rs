@@ -220,7 +220,7 @@ impl Agent {
         if forced {
             origin.overridden = refusals;
         }
-        self.change_file(cfg, &issued.source, &origin, &Gate::Policy { force })
+        self.change_file(cfg, issued.source, &origin, &Gate::Policy { force })
     }
 
     /// `lbctl rollback`: restores generation `to` (default: the newest kept
@@ -261,7 +261,7 @@ impl Agent {
         let cfg = config::check(&source, &file, HostChecks::Yes)?;
         let mut origin = Origin::new("rollback", actor, reason).at(started);
         origin.restored = Some(target);
-        self.change_file(cfg, &source, &origin, &Gate::Rollback)
+        self.change_file(cfg, source, &origin, &Gate::Rollback)
     }
 
     /// Applies `cfg`/`source` as the next generation, then writes it to
@@ -269,13 +269,15 @@ impl Agent {
     pub(super) fn change_file(
         &mut self,
         cfg: config::Config,
-        source: &str,
+        source: impl Into<super::Source>,
         origin: &Origin,
         gate: &Gate,
     ) -> Result<ChangeReport, AgentError> {
         let old = (self.config.clone(), self.source.clone(), self.generation);
-        let report = self.apply(cfg, source.to_owned(), self.generation + 1, origin, gate)?;
-        if let Err(e) = state::write_atomic(self.config_path(), source.as_bytes()) {
+        let report = self.apply(cfg, source, self.generation + 1, origin, gate)?;
+        // The text that became live (for a CLI edit, made after the maps).
+        let text = self.source.clone();
+        if let Err(e) = state::write_atomic(self.config_path(), text.as_bytes()) {
             let undo = self.apply(
                 old.0,
                 old.1,

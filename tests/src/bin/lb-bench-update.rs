@@ -203,6 +203,9 @@ fn agent(f: &mut Figures) {
         f.agent_ms.push(report.live_ms);
         f.agent_total_ms.push(report.apply_ms);
     }
+    if std::env::var_os("LB_BENCH_LOG").is_some() {
+        eprintln!("{}", lbd.log());
+    }
     lbd.stop();
 }
 
@@ -243,9 +246,14 @@ fn main() {
         ),
         ("backend added, one VIP", &mut f.add_ms, Some(20.0)),
         (
-            "agent: request → maps written (set-weight)",
+            "agent: request → live (edit, validate, plan, policy, maps written)",
             &mut f.agent_ms,
             Some(20.0),
+        ),
+        (
+            "agent: request → recorded (+ state, history, config file fsynced)",
+            &mut f.agent_total_ms,
+            None,
         ),
         (
             "lbctl set-weight, wall clock (process + socket + agent)",
