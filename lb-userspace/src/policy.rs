@@ -61,6 +61,10 @@ pub struct VipVerdict {
     pub moved: f64,
     /// Largest |after − expected| over the backends.
     pub worst_deviation: f64,
+    /// Backends the VIP had before and no longer has (with their share
+    /// before).
+    #[serde(default)]
+    pub removed: Vec<(IpAddr, f64)>,
 }
 
 /// The whole verdict.
@@ -226,6 +230,24 @@ pub fn evaluate(prev: Option<&MapPlan>, next: &MapPlan, cfg: &Config) -> Verdict
             prev.map(|_| prev_members.get(&v.vip).map_or(&[][..], Vec::as_slice)),
             &mut out.violations,
         );
+        let removed: Vec<(IpAddr, f64)> = old_ids
+            .as_ref()
+            .map(|ids| {
+                let now: BTreeSet<IpAddr> = new_ids.values().copied().collect();
+                let shares = before_plan
+                    .map(|b| table_shares(ids, b))
+                    .unwrap_or_default();
+                ids.values()
+                    .filter(|a| !now.contains(a))
+                    .map(|a| (*a, shares.get(a).copied().unwrap_or(0.0)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let change = if removed.is_empty() {
+            change
+        } else {
+            Change::Changed
+        };
         out.vips.push(VipVerdict {
             name: name.to_owned(),
             vip: v.vip.to_string(),
@@ -233,6 +255,7 @@ pub fn evaluate(prev: Option<&MapPlan>, next: &MapPlan, cfg: &Config) -> Verdict
             backends,
             moved,
             worst_deviation: worst,
+            removed,
         });
     }
     if let Some(pl) = prev {
@@ -245,6 +268,7 @@ pub fn evaluate(prev: Option<&MapPlan>, next: &MapPlan, cfg: &Config) -> Verdict
                 backends: Vec::new(),
                 moved: 1.0,
                 worst_deviation: 0.0,
+                removed: Vec::new(),
             });
         }
     }
@@ -404,6 +428,8 @@ mod tests {
         assert!(v.passed(), "{:?}", v.violations);
         let m = v.vips[0].moved;
         assert!((0.2..0.33).contains(&m), "moved {m}");
+        assert_eq!(v.vips[0].removed.len(), 1, "{:?}", v.vips[0]);
+        assert_eq!(v.vips[0].removed[0].0.to_string(), "198.18.1.4");
         // Removing two at once breaks max_backends_removed and (at 0.3)
         // max_flows_moved.
         let c3 = cfg(

@@ -153,12 +153,22 @@ pub fn diff_lines(v: &policy::Verdict) -> Vec<String> {
                     None => format!("{} new {:.1}%", b.address, b.after * 100.0),
                 })
                 .collect();
+            let removed: Vec<String> = x
+                .removed
+                .iter()
+                .map(|(a, before)| format!("{a} {:.1}% → removed", before * 100.0))
+                .collect();
             format!(
-                "{} {} {:?}: {}; {:.1}% of flows move",
+                "{} {} {:?}: {}{}; {:.1}% of flows move",
                 x.name,
                 x.vip,
                 x.change,
                 shares.join(", "),
+                if removed.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {}", removed.join(", "))
+                },
                 x.moved * 100.0
             )
             .to_lowercase()

@@ -453,6 +453,14 @@ fn render_plan(d: &PlanDoc, file: Option<&std::path::Path>) -> String {
             v.moved * 100.0,
             v.worst_deviation * 100.0
         );
+        for (a, before) in &v.removed {
+            let _ = writeln!(
+                o,
+                "  {:<28} removed                       {:5.1}% →   0.0%",
+                a.to_string(),
+                before * 100.0
+            );
+        }
         for b in &v.backends {
             let before = b
                 .before
