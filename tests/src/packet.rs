@@ -7,7 +7,7 @@
 //! optional VLAN tags, then either a raw L2 payload or a *stack* of IP layers
 //! (outer first) ending in one transport:
 //!
-//! ```ignore
+//! ```text
 //! let pkt = PacketBuilder::eth(client_mac, lb_mac)      // (src, dst)
 //!     .vlan(100)
 //!     .ipv4(client, vip)
