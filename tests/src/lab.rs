@@ -617,6 +617,43 @@ impl LabNet {
             .collect()
     }
 
+    /// `n` TCP requests and `n` UDP exchanges (each its own flow) to `vip`
+    /// in family `fam`, split evenly over the clients; UDP source ports
+    /// start at `udp_base`.
+    pub fn traffic(&self, fam: Family, vip: IpAddr, n: usize, udp_base: u16) -> (Batch, Batch) {
+        let clients = self.clients();
+        let per = n / clients.len();
+        let (mut tcp, mut udp) = (Batch::default(), Batch::default());
+        for (c, ns) in clients.iter().enumerate() {
+            let c = c as u8 + 1;
+            let from: IpAddr = if fam.v6 {
+                client_v6(c).into()
+            } else {
+                client_v4(c).into()
+            };
+            let (t, u) = ns.in_netns(|| {
+                (
+                    batch(per, |_| tcp_request(SocketAddr::new(vip, TCP_PORT))),
+                    batch(per, |i| {
+                        udp_request(
+                            SocketAddr::new(from, udp_base + i as u16),
+                            SocketAddr::new(vip, UDP_PORT),
+                        )
+                    }),
+                )
+            });
+            for (acc, b) in [(&mut tcp, t), (&mut udp, u)] {
+                for (k, v) in b.replies {
+                    *acc.replies.entry(k).or_default() += v;
+                }
+                acc.failures.extend(b.failures);
+                acc.src_ports.extend(b.src_ports);
+                acc.elapsed += b.elapsed;
+            }
+        }
+        (tcp, udp)
+    }
+
     /// Leaves the namespaces (and pins) in place when this drops.
     pub fn keep(&mut self) {
         for ns in [&mut self.switch, &mut self.client, &mut self.lb]

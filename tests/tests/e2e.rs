@@ -15,15 +15,15 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, SocketAddr, TcpListener},
+    net::{SocketAddr, TcpListener},
     time::Duration,
 };
 
 use lb_tests::{
     agent::{LabConfig, Lbd},
     lab::{
-        Batch, Family, Held, LB_PORT, LabNet, LabOptions, N_BACKENDS, TCP_PORT, UDP_PORT, V4, V6,
-        backend_name, batch, client_v4, client_v6, lb_service, tcp_request, udp_request,
+        Batch, Held, LB_PORT, LabNet, LabOptions, N_BACKENDS, V4, V6, backend_name, lb_service,
+        tcp_request,
     },
     pins::PinDir,
 };
@@ -42,46 +42,6 @@ fn ipip_lab(prefix: &str) -> LabNet {
     opts.clients = 2;
     opts.ipip = true;
     LabNet::build_with(opts, Some(pins))
-}
-
-fn client_addr(c: usize, fam: Family) -> IpAddr {
-    let c = c as u8 + 1;
-    if fam.v6 {
-        client_v6(c).into()
-    } else {
-        client_v4(c).into()
-    }
-}
-
-/// `n` TCP requests and `n` UDP exchanges to `vip`, alternating between
-/// the clients.
-fn traffic(net: &LabNet, fam: Family, vip: IpAddr, n: usize, udp_base: u16) -> (Batch, Batch) {
-    let clients = net.clients();
-    let per = n / clients.len();
-    let mut tcp = Batch::default();
-    let mut udp = Batch::default();
-    for (c, ns) in clients.iter().enumerate() {
-        let from = client_addr(c, fam);
-        let (t, u) = ns.in_netns(|| {
-            (
-                batch(per, |_| tcp_request(SocketAddr::new(vip, TCP_PORT))),
-                batch(per, |i| {
-                    udp_request(
-                        SocketAddr::new(from, udp_base + i as u16),
-                        SocketAddr::new(vip, UDP_PORT),
-                    )
-                }),
-            )
-        });
-        for (acc, b) in [(&mut tcp, t), (&mut udp, u)] {
-            for (k, v) in b.replies {
-                *acc.replies.entry(k).or_default() += v;
-            }
-            acc.failures.extend(b.failures);
-            acc.src_ports.extend(b.src_ports);
-        }
-    }
-    (tcp, udp)
 }
 
 fn check_shares(what: &str, b: &Batch, weights: [u32; 3], n: usize, lbd: &Lbd) {
@@ -125,7 +85,7 @@ fn both_modes_both_families_answer_every_request_in_weight_proportion() {
     let mut base = 20_000;
     for fam in [V4, V6] {
         for (mode, vip) in [("dsr", fam.vip()), ("ipip", fam.vip_ipip())] {
-            let (tcp, udp) = traffic(&net, fam, vip, N, base);
+            let (tcp, udp) = net.traffic(fam, vip, N, base);
             base += 1000;
             check_shares(
                 &format!("{} {mode} tcp", fam.label()),
@@ -232,7 +192,7 @@ fn long_lived_connections_survive_addition_weight_drain_and_restart() {
     lbd.write_config(&three);
     lbd.lbctl_ok(&["reload"]);
     check(&mut held, "after adding backend 3", &lbd);
-    let (tcp, _) = traffic(&net, V4, V4.vip_ipip(), 90, 40_000);
+    let (tcp, _) = net.traffic(V4, V4.vip_ipip(), 90, 40_000);
     assert!(
         tcp.replies.contains_key(&backend_name(3)),
         "new flows must reach the added backend: {:?}",
@@ -289,7 +249,7 @@ fn ipip_health_failover_and_recovery() {
             .all(|v| v.backends[2].state == BackendState::Down)
     });
     for fam in [V4, V6] {
-        let (tcp, udp) = traffic(&net, fam, fam.vip_ipip(), 60, 50_000);
+        let (tcp, udp) = net.traffic(fam, fam.vip_ipip(), 60, 50_000);
         for b in [&tcp, &udp] {
             assert!(b.failures.is_empty(), "{}: {:?}", fam.label(), b.failures);
             assert!(!b.replies.contains_key(&backend_name(3)));
@@ -301,7 +261,7 @@ fn ipip_health_failover_and_recovery() {
             .iter()
             .all(|v| v.backends[2].state == BackendState::Active)
     });
-    let (tcp, _) = traffic(&net, V4, V4.vip_ipip(), 90, 51_000);
+    let (tcp, _) = net.traffic(V4, V4.vip_ipip(), 90, 51_000);
     assert!(tcp.failures.is_empty());
     assert!(
         tcp.replies.contains_key(&backend_name(3)),

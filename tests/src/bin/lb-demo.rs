@@ -16,7 +16,6 @@
 //! Exits 0 only if every step behaved as expected.
 
 use std::{
-    net::{IpAddr, SocketAddr},
     panic::{self, AssertUnwindSafe},
     process::ExitCode,
     time::{Duration, Instant},
@@ -24,10 +23,7 @@ use std::{
 
 use lb_tests::{
     agent::{LabConfig, Lbd},
-    lab::{
-        Batch, Held, LabNet, LabOptions, N_BACKENDS, TCP_PORT, UDP_PORT, V4, V6, backend_name,
-        batch, client_v4, tcp_request, udp_request,
-    },
+    lab::{Batch, Held, LabNet, LabOptions, N_BACKENDS, V4, V6, backend_name},
     netns,
     pins::PinDir,
 };
@@ -138,36 +134,6 @@ fn step(title: &str, r: Step) -> Step {
     r
 }
 
-/// `n` TCP requests and `n` UDP exchanges to `vip` from both clients.
-fn traffic(net: &LabNet, vip: IpAddr, n: usize, udp_base: u16) -> (Batch, Batch) {
-    let clients = net.clients();
-    let per = n / clients.len();
-    let (mut tcp, mut udp) = (Batch::default(), Batch::default());
-    for (c, ns) in clients.iter().enumerate() {
-        let from: IpAddr = client_v4(c as u8 + 1).into();
-        let (t, u) = ns.in_netns(|| {
-            (
-                batch(per, |_| tcp_request(SocketAddr::new(vip, TCP_PORT))),
-                batch(per, |i| {
-                    udp_request(
-                        SocketAddr::new(from, udp_base + i as u16),
-                        SocketAddr::new(vip, UDP_PORT),
-                    )
-                }),
-            )
-        });
-        for (acc, b) in [(&mut tcp, t), (&mut udp, u)] {
-            for (k, v) in b.replies {
-                *acc.replies.entry(k).or_default() += v;
-            }
-            acc.failures.extend(b.failures);
-            acc.src_ports.extend(b.src_ports);
-            acc.elapsed += b.elapsed;
-        }
-    }
-    (tcp, udp)
-}
-
 fn print_shares(label: &str, b: &Batch, weights: &[u32; 3]) -> f64 {
     let total: u32 = weights.iter().sum();
     let n = b.answered().max(1) as f64;
@@ -205,7 +171,7 @@ fn distribution(net: &LabNet, lbd: &Lbd) -> Step {
         ("IP-in-IP", V4.vip_ipip(), REQUESTS, 20_000),
     ] {
         let t = Instant::now();
-        let (tcp, udp) = traffic(net, vip, n, base);
+        let (tcp, udp) = net.traffic(V4, vip, n, base);
         for (proto, b) in [("TCP", &tcp), ("UDP", &udp)] {
             let worst = print_shares(&format!("{mode} {vip} {proto}"), b, &WEIGHTS);
             if !b.failures.is_empty() || b.answered() != n {
@@ -271,7 +237,7 @@ fn weight_and_drain(net: &LabNet, lbd: &Lbd) -> Step {
     let out = lbd.lbctl_ok(&["backend", "drain", "web4", &b2]);
     println!("   $ lbctl backend drain web4 {b2}\n     {}", out.trim());
     check(&mut held, "after the drain");
-    let (tcp, _) = traffic(net, V4.vip(), 600, 30_000);
+    let (tcp, _) = net.traffic(V4, V4.vip(), 600, 30_000);
     let worst = print_shares(
         "new flows to web4 after both (weights now 300/drained/300)",
         &tcp,
@@ -321,7 +287,7 @@ fn failover(net: &mut LabNet, lbd: &Lbd) -> Step {
         removal.as_secs_f64(),
         (INTERVAL_MS * u64::from(FALL)) as f64 / 1000.0
     );
-    let (tcp, udp) = traffic(net, V4.vip(), 300, 40_000);
+    let (tcp, udp) = net.traffic(V4, V4.vip(), 300, 40_000);
     println!(
         "   300 TCP + 300 UDP requests after that: {} + {} answered, {} failed, to backend-3: {}",
         tcp.answered(),
@@ -345,7 +311,7 @@ fn failover(net: &mut LabNet, lbd: &Lbd) -> Step {
         "   backend-3's servers restarted: back in all VIPs after {:.2} s",
         t.elapsed().as_secs_f64()
     );
-    let (tcp, _) = traffic(net, V4.vip(), 300, 41_000);
+    let (tcp, _) = net.traffic(V4, V4.vip(), 300, 41_000);
     let got3 = tcp.replies.get(&backend_name(3)).copied().unwrap_or(0);
     if bad_after > 0 || tcp.answered() != 300 || got3 == 0 {
         return Err(format!(
