@@ -1070,13 +1070,17 @@ impl Checker<'_> {
 /// Linux `IFNAMSIZ` − 1.
 const MAX_IFNAME_LEN: usize = 15;
 
-fn interface_exists(name: &str) -> bool {
-    let Ok(c) = std::ffi::CString::new(name) else {
-        return false;
-    };
+/// The index of interface `name` in this network namespace, if it exists.
+pub fn interface_index(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
     // SAFETY: `c` is a valid NUL-terminated string that outlives the call;
     // if_nametoindex only reads it.
-    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
+fn interface_exists(name: &str) -> bool {
+    interface_index(name).is_some()
 }
 
 fn check_interface(what: &str, name: &str, path: &[Seg<'_>], host: HostChecks, c: &mut Checker) {

@@ -236,12 +236,11 @@ pub fn run(cfg: &Config, flows: u32) -> Result<SimReport, SimError> {
             .filter(|b| b.vip == pv.vip)
             .map(|b| (b.id, b.address))
             .collect();
-        let mut table: BTreeMap<IpAddr, u64> = BTreeMap::new();
-        for id in pv.ring.iter() {
-            if let Some(a) = ids.get(id) {
-                *table.entry(*a).or_default() += 1;
-            }
-        }
+        let table: BTreeMap<IpAddr, u64> = pv
+            .slot_counts
+            .iter()
+            .filter_map(|(id, c)| ids.get(id).map(|a| (*a, u64::from(*c))))
+            .collect();
         let mut seen: BTreeMap<IpAddr, u64> = BTreeMap::new();
         let (mut mismatches, mut not_forwarded) = (0, 0);
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (vi as u64 + 1));

@@ -124,25 +124,14 @@ impl Agent {
         }
     }
 
-    fn record_guard(&mut self, generation: u64, outcome: &str) {
-        let rec = history::Record {
-            seq: 0,
-            at_unix: history::now_unix(),
-            kind: "guard".into(),
+    fn record_guard(&self, generation: u64, outcome: &str) {
+        self.record(history::Record::new(
+            "guard",
             generation,
-            actor: "guard".into(),
-            reason: outcome.into(),
-            summary: format!("guard {outcome}"),
-            diff: Vec::new(),
-            plan_digest: None,
-            approvals: Vec::new(),
-            overridden: Vec::new(),
-            restored: None,
-            config_digest: String::new(),
-        };
-        if let Err(e) = history::append(&self.config.agent.state_dir, rec) {
-            tracing::error!("appending to the history failed: {e}");
-        }
+            "guard",
+            outcome,
+            &format!("guard {outcome}"),
+        ));
     }
 
     /// The guard's state for `lbctl status`.

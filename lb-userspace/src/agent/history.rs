@@ -55,6 +55,28 @@ pub struct Record {
     pub config_digest: String,
 }
 
+impl Record {
+    /// A record stamped now, with no diff, plan, approvals, overrides or
+    /// restored generation (set those fields as needed).
+    pub fn new(kind: &str, generation: u64, actor: &str, reason: &str, summary: &str) -> Self {
+        Self {
+            seq: 0,
+            at_unix: now_unix(),
+            kind: kind.into(),
+            generation,
+            actor: actor.into(),
+            reason: reason.into(),
+            summary: summary.into(),
+            diff: Vec::new(),
+            plan_digest: None,
+            approvals: Vec::new(),
+            overridden: Vec::new(),
+            restored: None,
+            config_digest: String::new(),
+        }
+    }
+}
+
 fn file(dir: &Path) -> PathBuf {
     dir.join("history.jsonl")
 }
@@ -123,21 +145,7 @@ mod tests {
     fn history_appends_numbers_and_survives_a_torn_line() {
         let dir = std::env::temp_dir().join(format!("lbd-history-test-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
-        let rec = |kind: &str| Record {
-            seq: 0,
-            at_unix: now_unix(),
-            kind: kind.into(),
-            generation: 1,
-            actor: "alice".into(),
-            reason: "test".into(),
-            summary: String::new(),
-            diff: Vec::new(),
-            plan_digest: None,
-            approvals: Vec::new(),
-            overridden: Vec::new(),
-            restored: None,
-            config_digest: String::new(),
-        };
+        let rec = |kind: &str| Record::new(kind, 1, "alice", "test", "");
         assert_eq!(append(&dir, rec("start")).unwrap().seq, 1);
         assert_eq!(append(&dir, rec("reload")).unwrap().seq, 2);
         // A crash mid-write leaves a torn line: it is skipped.

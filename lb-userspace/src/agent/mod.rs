@@ -272,14 +272,13 @@ impl Agent {
             samples: VecDeque::new(),
             guard: None,
         };
-        agent.adopt()?;
-        let digest = state::digest(&source);
-        let generation =
-            if agent.datapath.applied().is_some() && agent.saved_digest() == Some(digest) {
-                agent.generation
-            } else {
-                agent.generation + 1
-            };
+        let adopted_digest = agent.adopt()?;
+        // A restart with the same file is not a change: same generation.
+        let generation = if adopted_digest == Some(state::digest(&source)) {
+            agent.generation
+        } else {
+            agent.generation + 1
+        };
         agent.apply(
             config,
             source,
@@ -291,21 +290,16 @@ impl Agent {
         Ok(agent)
     }
 
-    fn saved_digest(&self) -> Option<u64> {
-        state::load(&self.config.agent.state_dir)
-            .ok()
-            .flatten()
-            .map(|s| s.config_digest)
-    }
-
     /// With adopted maps: re-plans the saved spec, checks the kernel holds
     /// exactly that, and makes it the base of the next apply. Without saved
     /// state (or if the kernel differs), plans from scratch with ids past
     /// every generation the kernel knows, and removes what is not planned.
-    fn adopt(&mut self) -> Result<(), AgentError> {
+    /// Returns the saved config digest when the maps were adopted through
+    /// the saved state.
+    fn adopt(&mut self) -> Result<Option<u64>, AgentError> {
         if !self.datapath.adopted() {
             self.event("created and pinned new maps");
-            return Ok(());
+            return Ok(None);
         }
         let dir = self.config.agent.state_dir.clone();
         let saved = match state::load(&dir) {
@@ -333,7 +327,7 @@ impl Agent {
                             "adopted pinned maps at generation {} (verified against saved state)",
                             saved.generation
                         ));
-                        return Ok(());
+                        return Ok(Some(saved.config_digest));
                     }
                     tracing::warn!(
                         "pinned maps differ from the saved state ({}); reprogramming everything",
@@ -346,7 +340,7 @@ impl Agent {
         }
         self.base_allocator = IdAllocator::after_generations(&self.datapath.backend_generations()?);
         self.event("adopted pinned maps without matching state: reprogrammed all entries");
-        Ok(())
+        Ok(None)
     }
 
     fn attach(&mut self) -> Result<(), AgentError> {
@@ -365,7 +359,7 @@ impl Agent {
         let mut egress = Vec::new();
         for name in std::iter::once(&a.interface).chain(&a.egress_interfaces) {
             egress.push(
-                ifindex(name)
+                config::interface_index(name)
                     .ok_or_else(|| AgentError::Io(format!("interface {name} does not exist")))?,
             );
         }
@@ -518,24 +512,21 @@ impl Agent {
             self.start_guard(generation, previous);
         }
         if !matches!(gate, Gate::Health) {
-            let rec = history::Record {
-                seq: 0,
-                at_unix: history::now_unix(),
-                kind: origin.kind.into(),
-                generation,
-                actor: origin.actor.clone(),
-                reason: origin.reason.clone(),
-                summary: report.summary.clone(),
+            self.record(history::Record {
                 diff,
                 plan_digest: origin.plan_digest.clone(),
                 approvals: origin.approvals.clone(),
                 overridden: report.overridden.clone(),
                 restored: origin.restored,
                 config_digest: format!("{:016x}", state::digest(&self.source)),
-            };
-            if let Err(e) = history::append(&self.config.agent.state_dir, rec) {
-                tracing::error!("appending to the history failed: {e}");
-            }
+                ..history::Record::new(
+                    origin.kind,
+                    generation,
+                    &origin.actor,
+                    &origin.reason,
+                    &report.summary,
+                )
+            });
         }
         Ok(report)
     }
@@ -771,6 +762,14 @@ impl Agent {
         )
     }
 
+    /// Appends to the history; a failure is logged (the change itself is
+    /// already live).
+    fn record(&self, rec: history::Record) {
+        if let Err(e) = history::append(&self.config.agent.state_dir, rec) {
+            tracing::error!("appending to the history failed: {e}");
+        }
+    }
+
     /// Detaches the XDP program (`lbctl datapath detach`).
     pub fn detach(&mut self) -> Result<(), AgentError> {
         self.datapath.detach()?;
@@ -844,13 +843,6 @@ impl Agent {
     pub fn samples(&self) -> &VecDeque<(Instant, DataplaneStats)> {
         &self.samples
     }
-}
-
-fn ifindex(name: &str) -> Option<u32> {
-    let c = std::ffi::CString::new(name).ok()?;
-    // SAFETY: valid NUL-terminated string.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    (i != 0).then_some(i)
 }
 
 fn first_line(e: &impl std::fmt::Display) -> String {
