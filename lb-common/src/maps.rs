@@ -8,14 +8,14 @@
 
 /// Version of the pinned map layout. A newer agent refuses to adopt pinned
 /// maps of another version instead of misreading them.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 // ---- map names (the static names in lb-ebpf) ----
 /// `HashMap<VipKey, VipMeta>`: the VIPs.
 pub const MAP_VIPS: &str = "VIPS";
-/// `ArrayOfMaps<Array<RingChunk, RING_CHUNKS>>`: per-VIP Maglev lookup
-/// tables (slot → backend id, 32 slots per element), indexed by
-/// `VipMeta::vip_id`.
+/// `ArrayOfMaps<Array<RingChunk, RING_CHUNKS>, MAX_RINGS>`: Maglev lookup
+/// tables (slot → backend id, 32 slots per element), two per VIP (see
+/// [`ring_index`]); a VIP entry names the live one in `VipMeta::ring`.
 pub const MAP_RINGS: &str = "RINGS";
 /// `Array<Backend, MAX_BACKENDS>`: backends by id.
 pub const MAP_BACKENDS: &str = "BACKENDS";
@@ -56,6 +56,16 @@ pub const MAX_VIPS: u32 = 256;
 /// Entries of the VIP hash: every VIP plus one fragment alias per
 /// (address, protocol).
 pub const MAX_VIP_KEYS: u32 = MAX_VIPS * 2;
+/// Slots of the outer lookup-table map: two per VIP id. Userspace fills
+/// the idle table of a VIP while packets read the live one, then switches
+/// the VIP entry over (one atomic hash update, no RCU grace period to wait
+/// for on the way to live).
+pub const MAX_RINGS: u32 = MAX_VIPS * 2;
+
+/// Outer-map slot of table `buffer` (0 or 1) of VIP id `vip_id`.
+pub const fn ring_index(vip_id: u32, buffer: u32) -> u32 {
+    vip_id * 2 + (buffer & 1)
+}
 /// Backend ids are `0..MAX_BACKENDS`. A backend id names one backend of one
 /// VIP, so per-backend counters are per (VIP, backend).
 pub const MAX_BACKENDS: u32 = 16384;
@@ -138,13 +148,16 @@ pub const VIP_F_FRAG_ALIAS: u32 = 1 << 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VipMeta {
-    /// Index into [`MAP_RINGS`] and the per-VIP counters.
+    /// Index of the per-VIP counters; owns tables
+    /// `ring_index(vip_id, 0)` and `ring_index(vip_id, 1)`.
     pub vip_id: u32,
     /// Number of lookup-table slots in use (a prime ≤ [`MAX_RING_SIZE`]).
     pub ring_size: u32,
     /// `VIP_F_*` bits.
     pub flags: u32,
-    pub _pad: u32,
+    /// Slot of [`MAP_RINGS`] holding the live table: one of the VIP id's
+    /// two (see [`ring_index`]).
+    pub ring: u32,
 }
 const _: () = assert!(core::mem::size_of::<VipMeta>() == 16);
 

@@ -7,20 +7,21 @@ use aya_ebpf::{
 };
 use lb_common::{
     BPF_F_MMAPABLE, Backend, CONN_TABLE_CAPACITY, CONN_TABLE_FLAGS, ConnEntry, DECAP_STAT_COUNT,
-    FlowKey, GlobalConfig, MAX_BACKENDS, MAX_TX_PORTS, MAX_VIP_KEYS, MAX_VIPS, RING_CHUNKS,
-    RingChunk, STAT_COUNT, TrafficCounters, VIP_FILTER_WORDS, VipKey, VipMeta,
+    FlowKey, GlobalConfig, MAX_BACKENDS, MAX_RINGS, MAX_TX_PORTS, MAX_VIP_KEYS, MAX_VIPS,
+    RING_CHUNKS, RingChunk, STAT_COUNT, TrafficCounters, VIP_FILTER_WORDS, VipKey, VipMeta,
 };
 
 /// A VIP's lookup table: 32 slots per element (`u16` backend ids, see
-/// `lb_common::RING_CHUNK_SLOTS`). Memory-mappable so userspace fills a new
-/// table with one copy, then swaps it in with one update of [`RINGS`].
+/// `lb_common::RING_CHUNK_SLOTS`). Memory-mappable so userspace fills a
+/// table with one copy. Each VIP has two in [`RINGS`]: userspace fills the
+/// idle one, then points the VIP entry's `ring` at it.
 pub type Ring = Array<RingChunk, { RING_CHUNKS as usize }, { BPF_F_MMAPABLE as usize }>;
 
 #[btf_map]
 pub static VIPS: HashMap<VipKey, VipMeta, { MAX_VIP_KEYS as usize }> = HashMap::new();
 
 #[btf_map]
-pub static RINGS: ArrayOfMaps<Ring, { MAX_VIPS as usize }> = ArrayOfMaps::new();
+pub static RINGS: ArrayOfMaps<Ring, { MAX_RINGS as usize }> = ArrayOfMaps::new();
 
 #[btf_map]
 pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();

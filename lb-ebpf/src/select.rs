@@ -41,7 +41,7 @@ pub fn from_ring(meta: &VipMeta, key: &FlowKey, seed: u32) -> Result<Chosen, Out
     };
     let slot = ring_slot(hash, ring_size);
     let chunk = RINGS
-        .get_value(meta.vip_id, &(slot / RING_CHUNK_SLOTS))
+        .get_value(meta.ring, &(slot / RING_CHUNK_SLOTS))
         .ok_or(Outcome::drop(STAT_DROP_NO_BACKEND))?;
     let id = u32::from(chunk[(slot % RING_CHUNK_SLOTS) as usize]);
     // RING_SLOT_NONE (0xffff) is out of the array's range: a miss.

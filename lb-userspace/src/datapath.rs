@@ -6,20 +6,26 @@
 //! 1. global config;
 //! 2. backend entries (new ids first get zeroed counters): a new id is not
 //!    referenced by any table yet;
-//! 3. each changed lookup table is built as a new inner map, filled through
-//!    `mmap`, and swapped in with one update of the outer map (all CPUs see
-//!    the old or the new table, never a mix);
+//! 3. each changed lookup table is written, through `mmap`, into the idle
+//!    one of its VIP's two tables (no program reads it: no VIP entry names
+//!    it, and a grace period has passed since one last did). A new VIP's
+//!    pair is created and put into the outer map with one batched update;
+//!    if no idle table can be proven unread, a new table replaces one in
+//!    the outer map (atomic for readers, the kernel waits a grace period);
 //! 4. the VIP address filter admits the old and new addresses, then VIP
-//!    entries are written (one atomic hash update each);
+//!    entries are written, each naming its live table (one atomic hash
+//!    update each). **From here the change is live on every CPU**;
 //! 5. VIP entries that left are deleted;
-//! 6. after an RCU grace period (no program still runs with an old table),
-//!    backends that left are marked inactive, so their connection entries
-//!    miss; the filter is narrowed to the new addresses.
+//! 6. after an RCU grace period (no program still runs with an old table
+//!    or entry), backends that left are marked inactive, so their
+//!    connection entries miss, and the tables switched away from become
+//!    idle; the filter is narrowed to the new addresses.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
+    time::Instant,
 };
 
 use aya::{
@@ -39,10 +45,10 @@ use lb_common::{
     LAYOUT_VERSION, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_CONN_TABLE, MAP_DECAP_STATS,
     MAP_RINGS, MAP_STATS, MAP_TX_PORTS, MAP_VIP_FILTER, MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS,
     MAX_RING_SIZE, PROG_DECAP, PROG_LB, RING_CHUNK_SLOTS, RING_CHUNKS, RING_SLOT_NONE, RingChunk,
-    STAT_COUNT, TrafficCounters, VipKey, VipMeta,
+    STAT_COUNT, TrafficCounters, VipKey, VipMeta, ring_index,
 };
 
-use crate::plan::MapPlan;
+use crate::plan::{MapPlan, PlannedBackend};
 
 /// Errors of the kernel-facing layer, each naming what failed.
 #[derive(Debug, thiserror::Error)]
@@ -368,6 +374,21 @@ impl Loaded {
 pub struct Datapath {
     loaded: Loaded,
     applied: Option<MapPlan>,
+    /// The lookup table (outer-map slot) each VIP entry in the kernel
+    /// names: read back at load, then kept in step with every write.
+    refs: std::collections::HashMap<VipKey, u32>,
+    /// Tables that lost their last VIP entry since the last grace period:
+    /// a program may still be reading them, so they are not written.
+    retired: HashSet<u32>,
+}
+
+/// What [`Datapath::apply`] did.
+#[derive(Clone, Copy, Debug)]
+pub struct Applied {
+    /// When the last VIP entry was switched: from then on every packet on
+    /// every CPU is handled by the new plan. (`apply` returns later, after
+    /// the grace period that lets departed backends be deactivated.)
+    pub live_at: Instant,
 }
 
 impl Datapath {
@@ -378,9 +399,22 @@ impl Datapath {
             pin_dir,
         } = opts;
         let loaded = Loaded::load(PROG_LB, conn_table_capacity, pin_dir.as_deref())?;
+        let mut refs = std::collections::HashMap::new();
+        if loaded.adopted {
+            let vips: HashMap<_, VipKey, VipMeta> = loaded.map(MAP_VIPS)?;
+            for entry in &vips {
+                let (k, v) = entry.map_err(map_err(MAP_VIPS))?;
+                refs.insert(k, v.ring);
+            }
+            // Whatever the earlier process switched away from last is idle
+            // after this.
+            wait_for_readers();
+        }
         Ok(Self {
             loaded,
             applied: None,
+            refs,
+            retired: HashSet::new(),
         })
     }
 
@@ -464,12 +498,12 @@ impl Datapath {
     /// If a write fails half-way, the previous plan is written back over
     /// everything the failed attempt may have touched, so the data path is
     /// left as it was; the error says whether that restore worked.
-    pub fn apply(&mut self, plan: &MapPlan) -> Result<(), DatapathError> {
+    pub fn apply(&mut self, plan: &MapPlan) -> Result<Applied, DatapathError> {
         let prev = self.applied.take();
         match self.write_plan(plan, prev.as_ref()) {
-            Ok(()) => {
+            Ok(live_at) => {
                 self.applied = Some(plan.clone());
-                Ok(())
+                Ok(Applied { live_at })
             }
             Err(err) => {
                 // Restore: the maps hold a mix of `prev` and `plan`, so
@@ -532,8 +566,28 @@ impl Datapath {
         for (name, key, meta) in &planned_vips {
             match kernel_vips.get(key) {
                 None => diffs.push(format!("VIP {name} is missing from the kernel")),
-                Some(m) if m != meta => diffs.push(format!("VIP {name}: entry differs")),
+                Some(m) if !same_entry(m, meta) => {
+                    diffs.push(format!("VIP {name}: entry differs"));
+                }
                 Some(_) => {}
+            }
+        }
+        // A fragment alias must name the table its VIP's entry names.
+        let live_ring = |vip_id: u32| {
+            plan.vips
+                .iter()
+                .find(|v| v.meta.vip_id == vip_id)
+                .and_then(|v| kernel_vips.get(&v.key))
+                .map(|m| m.ring)
+        };
+        for (key, meta) in &plan.aliases {
+            if let (Some(alias), Some(ring)) = (kernel_vips.get(key), live_ring(meta.vip_id))
+                && alias.ring != ring
+            {
+                diffs.push(format!(
+                    "fragment alias of VIP id {} names another table than its VIP",
+                    meta.vip_id
+                ));
             }
         }
         let planned_keys: HashSet<VipKey> = planned_vips.iter().map(|p| p.1).collect();
@@ -566,7 +620,8 @@ impl Datapath {
         }
         let rings: ArrayOfMaps<_, MapData> = self.map(MAP_RINGS)?;
         for v in &plan.vips {
-            match rings.get(&v.meta.vip_id, 0) {
+            let ring = kernel_vips.get(&v.key).map_or(v.meta.ring, |m| m.ring);
+            match rings.get(&ring, 0) {
                 Ok(inner) => {
                     let table = read_ring(&inner, v.ring.len())?;
                     if crate::maglev::table_digest(&table) != v.ring_digest {
@@ -606,12 +661,19 @@ impl Datapath {
             .map(|v| v.key)
             .chain(plan.aliases.iter().map(|(k, _)| *k))
             .collect();
-        let mut vips: HashMap<_, VipKey, VipMeta> = self.map_mut(MAP_VIPS)?;
+        let mut vips: HashMap<_, VipKey, VipMeta> = self.loaded.map_mut(MAP_VIPS)?;
         let keys: Vec<VipKey> = vips.keys().filter_map(Result::ok).collect();
+        let mut removed = false;
         for k in keys {
             if !planned.contains(&k) {
                 vips.remove(&k).map_err(map_err(MAP_VIPS))?;
+                unref(&mut self.refs, &mut self.retired, &k);
+                removed = true;
             }
+        }
+        if removed {
+            wait_for_readers();
+            self.retired.clear();
         }
         let ids: BTreeSet<u32> = plan.backends.iter().map(|b| b.id).collect();
         let mut backends: Array<_, Backend> = self.map_mut(MAP_BACKENDS)?;
@@ -628,10 +690,67 @@ impl Datapath {
         Ok(())
     }
 
-    fn write_plan(&mut self, plan: &MapPlan, prev: Option<&MapPlan>) -> Result<(), DatapathError> {
+    fn write_plan(
+        &mut self,
+        plan: &MapPlan,
+        prev: Option<&MapPlan>,
+    ) -> Result<Instant, DatapathError> {
         let mut config: Array<_, GlobalConfig> = self.map_mut(MAP_CONFIG)?;
         config.set(0, plan.global, 0).map_err(map_err(MAP_CONFIG))?;
+        self.write_backends(plan, prev)?;
+        let rings = self.write_rings(plan, prev)?;
 
+        // The address filter must admit every address of the old and the
+        // new plan while both may be in the VIP map.
+        let old_filter = prev.map(|p| p.vip_filter.clone()).unwrap_or_default();
+        let union: Vec<u64> = plan
+            .vip_filter
+            .iter()
+            .enumerate()
+            .map(|(i, w)| w | old_filter.get(i).copied().unwrap_or(0))
+            .collect();
+        if prev.is_none() || union != old_filter {
+            self.write_filter(&union)?;
+        }
+        self.write_vip_entries(plan, prev, &rings)?;
+        let live_at = Instant::now();
+
+        let gone: Vec<&PlannedBackend> = prev.map_or_else(Vec::new, |prev| {
+            let now: BTreeSet<u32> = plan.backends.iter().map(|b| b.id).collect();
+            prev.backends
+                .iter()
+                .filter(|b| !now.contains(&b.id))
+                .collect()
+        });
+        if !gone.is_empty() || !self.retired.is_empty() {
+            // No program that could still pick a departed backend, or read
+            // a table switched away from, runs after this.
+            wait_for_readers();
+            self.retired.clear();
+        }
+        if !gone.is_empty() {
+            let mut backends: Array<_, Backend> = self.map_mut(MAP_BACKENDS)?;
+            for b in gone {
+                let gone = Backend {
+                    flags: 0,
+                    ..b.entry
+                };
+                backends.set(b.id, gone, 0).map_err(map_err(MAP_BACKENDS))?;
+            }
+        }
+        if union != plan.vip_filter {
+            self.write_filter(&plan.vip_filter)?;
+        }
+        Ok(live_at)
+    }
+
+    /// Backend entries that are new or changed (new ids first get zeroed
+    /// counters); departed ones are left for after the switch.
+    fn write_backends(
+        &mut self,
+        plan: &MapPlan,
+        prev: Option<&MapPlan>,
+    ) -> Result<(), DatapathError> {
         let prev_backends: BTreeMap<u32, Backend> = prev
             .map(|p| p.backends.iter().map(|b| (b.id, b.entry)).collect())
             .unwrap_or_default();
@@ -656,24 +775,17 @@ impl Datapath {
                 stats.set(id, zero, 0).map_err(map_err(MAP_BACKEND_STATS))?;
             }
         }
+        Ok(())
+    }
 
-        let swapped_any = self.write_rings(plan, prev)?;
-
-        // The address filter must admit every address of the old and the
-        // new plan while both may be in the VIP map.
-        let old_filter = prev.map(|p| p.vip_filter.clone()).unwrap_or_default();
-        let union: Vec<u64> = plan
-            .vip_filter
-            .iter()
-            .enumerate()
-            .map(|(i, w)| w | old_filter.get(i).copied().unwrap_or(0))
-            .collect();
-        if prev.is_none() || union != old_filter {
-            self.write_filter(&union)?;
-        }
-
-        // VIP entries: only those that are new or changed (each insert is
-        // one atomic hash update).
+    /// VIP entries that are new, changed or switched to another table (each
+    /// one atomic hash update), then deletion of those that left.
+    fn write_vip_entries(
+        &mut self,
+        plan: &MapPlan,
+        prev: Option<&MapPlan>,
+        rings: &BTreeMap<u32, u32>,
+    ) -> Result<(), DatapathError> {
         let before: std::collections::HashMap<VipKey, VipMeta> = prev
             .map(|p| {
                 p.vips
@@ -683,7 +795,7 @@ impl Datapath {
                     .collect()
             })
             .unwrap_or_default();
-        let mut vips: HashMap<_, VipKey, VipMeta> = self.map_mut(MAP_VIPS)?;
+        let mut vips: HashMap<_, VipKey, VipMeta> = self.loaded.map_mut(MAP_VIPS)?;
         let mut keys = HashSet::new();
         for (key, meta) in plan
             .vips
@@ -692,8 +804,17 @@ impl Datapath {
             .chain(plan.aliases.iter().copied())
         {
             keys.insert(key);
-            if before.get(&key) != Some(&meta) {
-                vips.insert(key, meta, 0).map_err(map_err(MAP_VIPS))?;
+            let ring = rings.get(&meta.vip_id).copied().unwrap_or(meta.ring);
+            if before.get(&key) == Some(&meta) && self.refs.get(&key) == Some(&ring) {
+                continue;
+            }
+            vips.insert(key, VipMeta { ring, ..meta }, 0)
+                .map_err(map_err(MAP_VIPS))?;
+            if let Some(old) = self.refs.insert(key, ring)
+                && old != ring
+                && !self.refs.values().any(|r| *r == old)
+            {
+                self.retired.insert(old);
             }
         }
         if let Some(prev) = prev {
@@ -705,42 +826,21 @@ impl Datapath {
             {
                 if !keys.contains(&key) {
                     vips.remove(&key).map_err(map_err(MAP_VIPS))?;
+                    unref(&mut self.refs, &mut self.retired, &key);
                 }
             }
-            let now: BTreeSet<u32> = plan.backends.iter().map(|b| b.id).collect();
-            let gone: Vec<_> = prev
-                .backends
-                .iter()
-                .filter(|b| !now.contains(&b.id))
-                .collect();
-            if !gone.is_empty() && !swapped_any {
-                // Normally the table swap above already waited for every
-                // program that could pick a departed backend; without a swap
-                // (a VIP removed whole), wait here.
-                wait_for_readers();
-            }
-            let mut backends: Array<_, Backend> = self.map_mut(MAP_BACKENDS)?;
-            for b in gone {
-                let gone = Backend {
-                    flags: 0,
-                    ..b.entry
-                };
-                backends.set(b.id, gone, 0).map_err(map_err(MAP_BACKENDS))?;
-            }
-        }
-        if union != plan.vip_filter {
-            self.write_filter(&plan.vip_filter)?;
         }
         Ok(())
     }
 
-    /// Builds every changed table aside and swaps them in; returns whether
-    /// any was swapped.
+    /// Puts every changed lookup table in place without touching a table
+    /// a program may read, and returns the table each VIP id's entries
+    /// must name. Unchanged tables stay where they are.
     fn write_rings(
         &mut self,
         plan: &MapPlan,
         prev: Option<&MapPlan>,
-    ) -> Result<bool, DatapathError> {
+    ) -> Result<BTreeMap<u32, u32>, DatapathError> {
         let prev_rings: BTreeMap<u32, u64> = prev
             .map(|p| {
                 p.vips
@@ -749,23 +849,73 @@ impl Datapath {
                     .collect()
             })
             .unwrap_or_default();
-        // New tables are built aside, then swapped in. Each update of the
-        // outer map returns only after an RCU grace period (the kernel waits
-        // for running programs on map-in-map updates), so once the swap is
-        // done no program still uses an old table. One batched update pays
-        // that wait once for all changed VIPs.
-        let mut built = Vec::new();
+        let busy: HashSet<u32> = self
+            .refs
+            .values()
+            .chain(self.retired.iter())
+            .copied()
+            .collect();
+        let mut rings = BTreeMap::new();
+        // Tables to put into the outer map: one batched update, and one
+        // grace period, for all of them.
+        let mut created = Vec::new();
         for v in &plan.vips {
-            if prev_rings.get(&v.meta.vip_id) == Some(&v.ring_digest) {
+            let vip_id = v.meta.vip_id;
+            let live = self.refs.get(&v.key).copied().filter(|r| r / 2 == vip_id);
+            if let Some(r) = live
+                && prev_rings.get(&vip_id) == Some(&v.ring_digest)
+            {
+                rings.insert(vip_id, r);
                 continue;
             }
-            built.push((v.meta.vip_id, build_ring(&v.ring)?));
+            let first = live.map_or(ring_index(vip_id, 0), |r| r ^ 1);
+            let target = self.place_table(&v.ring, first, &busy, &mut created)?;
+            rings.insert(vip_id, target);
         }
-        let swapped_any = !built.is_empty();
-        if swapped_any {
-            self.swap_rings(&built)?;
+        if !created.is_empty() {
+            self.swap_rings(&created)?;
         }
-        Ok(swapped_any)
+        Ok(rings)
+    }
+
+    /// Writes `ring` into the first of tables `first`, `first ^ 1` (a VIP's
+    /// pair) that no program reads; returns the slot that holds it. A slot
+    /// without a table gets a new one (queued in `created`, with the spare
+    /// of the pair). When both may be read, a new table is queued for
+    /// `first`: the outer-map update swaps it in atomically.
+    fn place_table(
+        &self,
+        ring: &[u32],
+        first: u32,
+        busy: &HashSet<u32>,
+        created: &mut Vec<(u32, MapData)>,
+    ) -> Result<u32, DatapathError> {
+        let Some(idle) = [first, first ^ 1].into_iter().find(|r| !busy.contains(r)) else {
+            created.push((first, new_ring(ring)?));
+            return Ok(first);
+        };
+        if let Some(table) = self.inner_ring(idle)? {
+            fill_ring(&table, ring)?;
+            return Ok(idle);
+        }
+        created.push((idle, new_ring(ring)?));
+        // A new VIP gets its spare table now, so that its later changes
+        // never wait on the outer map.
+        let spare = idle ^ 1;
+        if !busy.contains(&spare) && self.inner_ring(spare)?.is_none() {
+            created.push((spare, new_ring(&[])?));
+        }
+        Ok(idle)
+    }
+
+    /// The table in outer-map slot `index`, if one was put there.
+    fn inner_ring(&self, index: u32) -> Result<Option<MapData>, DatapathError> {
+        let rings: ArrayOfMaps<_, MapData> = self.map(MAP_RINGS)?;
+        match rings.get(&index, 0) {
+            Ok(table) => Ok(Some(table)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(MAP_RINGS)(e)),
+        }
     }
 
     /// Points the outer map's slots at new tables: one BPF_MAP_UPDATE_BATCH
@@ -907,12 +1057,8 @@ fn slot_of(id: u32) -> u16 {
     }
 }
 
-/// Creates a lookup table as a memory-mappable array and fills it with one
-/// copy (65537 single-slot syscalls take about 60 ms; this takes well
-/// under one). Slot `s` is entry `s % 32` of element `s / 32` (see
-/// `lb_common::RING_CHUNK_SLOTS`); slots past `ring.len()` hold
-/// `RING_SLOT_NONE`.
-fn build_ring(ring: &[u32]) -> Result<MapData, DatapathError> {
+/// Creates a lookup table as a memory-mappable array holding `ring`.
+fn new_ring(ring: &[u32]) -> Result<MapData, DatapathError> {
     const BPF_MAP_TYPE_ARRAY: u32 = 2;
     let obj = aya_obj::Map::new_from_params(
         BPF_MAP_TYPE_ARRAY,
@@ -922,10 +1068,20 @@ fn build_ring(ring: &[u32]) -> Result<MapData, DatapathError> {
         BPF_F_MMAPABLE,
     );
     let data = MapData::create(obj, "lb_ring", None).map_err(map_err(MAP_RINGS))?;
+    fill_ring(&data, ring)?;
+    Ok(data)
+}
+
+/// Writes `ring` into a lookup table with one copy through `mmap` (65537
+/// single-slot syscalls take about 60 ms; this takes well under one).
+/// Slot `s` is entry `s % 32` of element `s / 32` (see
+/// `lb_common::RING_CHUNK_SLOTS`); slots past `ring.len()` get
+/// `RING_SLOT_NONE`. Only for a table no program reads.
+fn fill_ring(table: &MapData, ring: &[u32]) -> Result<(), DatapathError> {
     let len = ring_map_len();
-    let fd = data.fd().as_fd().as_raw_fd();
+    let fd = table.fd().as_fd().as_raw_fd();
     // SAFETY: mapping a BPF_F_MMAPABLE array of `len` bytes (rounded to
-    // pages) that we own; unmapped below before the fd can go away.
+    // pages) that we hold an fd of; unmapped below.
     let ptr = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
@@ -952,7 +1108,33 @@ fn build_ring(ring: &[u32]) -> Result<MapData, DatapathError> {
     }
     // SAFETY: ptr/len are the mapping created above.
     unsafe { libc::munmap(ptr, len) };
-    Ok(data)
+    Ok(())
+}
+
+/// Forgets the kernel VIP entry `key` (deleted); its table is retired if
+/// no other entry names it.
+fn unref(
+    refs: &mut std::collections::HashMap<VipKey, u32>,
+    retired: &mut HashSet<u32>,
+    key: &VipKey,
+) {
+    if let Some(old) = refs.remove(key)
+        && !refs.values().any(|r| *r == old)
+    {
+        retired.insert(old);
+    }
+}
+
+/// A kernel VIP entry says what the planned one says; the table may be
+/// either of the VIP's two.
+fn same_entry(kernel: &VipMeta, planned: &VipMeta) -> bool {
+    VipMeta {
+        ring: kernel.ring / 2,
+        ..*kernel
+    } == VipMeta {
+        ring: planned.ring / 2,
+        ..*planned
+    }
 }
 
 /// `struct bpf_attr` for the batch commands: in_batch, out_batch, keys,

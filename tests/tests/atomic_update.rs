@@ -91,12 +91,13 @@ fn tables_replaced_under_traffic_never_misroute() {
         "the second handle must adopt the pinned maps"
     );
 
-    // applied = number of applies completed; seq[k] = set live after k.
+    // applied = applies completed, started = applies begun (an apply may
+    // be live from any moment after it began); set k % 3 is live after k.
     let applied = Arc::new(AtomicU64::new(0));
-    let applying = Arc::new(AtomicBool::new(false));
+    let started = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicBool::new(false));
     let traffic = {
-        let (applied, applying, done) = (applied.clone(), applying.clone(), done.clone());
+        let (applied, started, done) = (applied.clone(), started.clone(), done.clone());
         std::thread::spawn(move || {
             let prog = reader.program().expect("program");
             let mut out = vec![0u8; 2048];
@@ -110,8 +111,7 @@ fn tables_replaced_under_traffic_never_misroute() {
                 o.data_out = Some(&mut out);
                 o.repeat = 1;
                 let r = prog.test_run(o).expect("BPF_PROG_TEST_RUN");
-                let after =
-                    applied.load(Ordering::Acquire) + u64::from(applying.load(Ordering::Acquire));
+                let after = started.load(Ordering::Acquire);
                 sent += 1;
                 let frame = &out[..r.data_size_out as usize];
                 let landed = decode(frame).ok().and_then(|d| set_of(d.eth_dst));
@@ -137,12 +137,11 @@ fn tables_replaced_under_traffic_never_misroute() {
     for k in 1..=SWAPS {
         let set = (k % 3) as u8;
         let next = plan(&config(set, k + 1), &prev.allocator).expect("plan");
-        applying.store(true, Ordering::Release);
+        started.store(k, Ordering::Release);
         let t = Instant::now();
         writer.apply(&next).expect("apply under traffic");
         apply_ms.push(t.elapsed().as_secs_f64() * 1e3);
         applied.store(k, Ordering::Release);
-        applying.store(false, Ordering::Release);
         prev = next;
     }
     done.store(true, Ordering::Release);

@@ -1026,10 +1026,11 @@ impl Target for Lb {
 
     fn before(&mut self, b: &Before) {
         match b {
-            Before::Apply(plan) => self
-                .dp
-                .apply(plan)
-                .unwrap_or_else(|e| panic!("applying a plan failed: {e}")),
+            Before::Apply(plan) => {
+                self.dp
+                    .apply(plan)
+                    .unwrap_or_else(|e| panic!("applying a plan failed: {e}"));
+            }
             Before::AllowEgress(ifname) => {
                 let idx = ifindex(ifname);
                 self.dp

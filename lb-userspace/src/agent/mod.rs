@@ -553,14 +553,12 @@ impl Agent {
         } = prepared;
         let changed = self.datapath.applied() != Some(&planned);
         let previous = self.datapath.applied().cloned();
-        if changed {
-            let fresh = previous.is_none() && self.datapath.adopted();
-            self.datapath.apply(&planned)?;
-            if fresh {
-                self.datapath.remove_unplanned(&planned)?;
-            }
-        }
-        let live_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let live_at = if changed {
+            self.write(&planned, previous.is_none())?
+        } else {
+            Instant::now()
+        };
+        let live_ms = live_at.duration_since(t0).as_secs_f64() * 1e3;
         let file = self.opts.config_path.display().to_string();
         let source = match source.resolve(&file) {
             Ok(s) => s,
@@ -643,6 +641,17 @@ impl Agent {
             summary,
             overridden,
         })
+    }
+
+    /// Writes `planned`; returns when it was live. The first plan over
+    /// adopted maps also clears what the plan does not name.
+    fn write(&mut self, planned: &MapPlan, first: bool) -> Result<Instant, AgentError> {
+        let live_at = self.datapath.apply(planned)?.live_at;
+        if first && self.datapath.adopted() {
+            self.datapath.remove_unplanned(planned)?;
+            return Ok(Instant::now());
+        }
+        Ok(live_at)
     }
 
     /// Starts/stops probe tasks to match the live config.
