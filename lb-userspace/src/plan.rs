@@ -138,13 +138,15 @@ impl IdAllocator {
 
     /// Frees every id not in `used`. Called after the plan has allocated,
     /// so the freed ids are only reusable by the next plan.
-    fn release_unused(&mut self, used_vips: &BTreeSet<u32>, used_backends: &BTreeSet<u32>) {
+    /// `used_vips` and `used_backends` are indexed by id.
+    fn release_unused(&mut self, used_vips: &[bool], used_backends: &[bool]) {
+        let used = |set: &[bool], id: u32| set.get(id as usize).copied().unwrap_or(false);
         let free = &mut self.free_vip_ids;
         self.vips
-            .retain(|_, id| used_vips.contains(id) || !free.insert(*id));
+            .retain(|_, id| used(used_vips, *id) || !free.insert(*id));
         let free = &mut self.free_backend_ids;
         self.backends
-            .retain(|_, id| used_backends.contains(id) || !free.insert(*id));
+            .retain(|_, id| used(used_backends, *id) || !free.insert(*id));
     }
 }
 
@@ -181,6 +183,9 @@ pub struct PlannedVip {
     pub table_input: (Vec<(IpAddr, u32, u32)>, u32),
     /// Slots per backend id in `ring` (computed once per table).
     pub slot_counts: std::sync::Arc<BTreeMap<u32, u32>>,
+    /// The spec this was planned from: a later plan with an equal spec
+    /// and seed takes this VIP and its backends as they are.
+    pub spec: std::sync::Arc<VipSpec>,
 }
 
 /// One backend of one VIP.
@@ -287,31 +292,49 @@ fn plan_reusing(
     previous: &IdAllocator,
     reuse: Option<&MapPlan>,
 ) -> Result<MapPlan, PlanError> {
-    let tables: BTreeMap<(VipId, u32), &PlannedVip> = reuse
-        .map(|p| {
-            p.vips
-                .iter()
-                .map(|v| ((v.vip, v.meta.ring_size), v))
-                .collect()
-        })
-        .unwrap_or_default();
+    // Each planned VIP with its backends (planned one per spec backend, in
+    // VIP order, so each VIP's are the next `spec.backends.len()`).
+    let mut tables: BTreeMap<(VipId, u32), (&PlannedVip, &[PlannedBackend])> = BTreeMap::new();
+    let mut same_seed = false;
+    if let Some(p) = reuse {
+        same_seed = p.global.hash_seed == spec.hash_seed;
+        let mut rest = p.backends.as_slice();
+        for v in &p.vips {
+            let (own, tail) = rest.split_at(v.spec.backends.len().min(rest.len()));
+            rest = tail;
+            tables.insert((v.vip, v.meta.ring_size), (v, own));
+        }
+    }
     let mut alloc = previous.clone();
     let mut seen = BTreeSet::new();
     let mut vips = Vec::with_capacity(spec.vips.len());
     let mut backends = Vec::new();
-    let mut used_vips = BTreeSet::new();
-    let mut used_backends = BTreeSet::new();
+    let mut used_vips = vec![false; MAX_VIPS as usize];
+    let mut used_backends = vec![false; MAX_BACKENDS as usize];
     for vip in &spec.vips {
         let id = vip.id();
         if !seen.insert(id) {
             return Err(PlanError::DuplicateVip { vip: id });
         }
         let old = tables.get(&(id, vip.table_size)).copied();
+        if let Some((o, own)) = old
+            && same_seed
+            && *o.spec == *vip
+        {
+            // Unchanged: same ids (they are in the allocator), same table.
+            used_vips[o.meta.vip_id as usize] = true;
+            backends.extend_from_slice(own);
+            vips.push(o.clone());
+            continue;
+        }
+        let old = old.map(|(o, _)| o);
         let planned = plan_vip(vip, spec.hash_seed, &mut alloc, &mut backends, old)?;
-        used_vips.insert(planned.meta.vip_id);
+        used_vips[planned.meta.vip_id as usize] = true;
         vips.push(planned);
     }
-    used_backends.extend(backends.iter().map(|b: &PlannedBackend| b.id));
+    for b in &backends {
+        used_backends[b.id as usize] = true;
+    }
     alloc.release_unused(&used_vips, &used_backends);
     Ok(MapPlan {
         global: global_config(spec),
@@ -466,6 +489,7 @@ fn plan_vip(
         ),
         ring,
         table_input,
+        spec: std::sync::Arc::new(vip.clone()),
     })
 }
 
@@ -475,14 +499,19 @@ fn plan_vip(
 fn fleet_digest(ring: &[u32], backends: &[PlannedBackend]) -> u64 {
     let mut by_addr: Vec<(IpAddr, u32)> = backends.iter().map(|b| (b.address, b.id)).collect();
     by_addr.sort_unstable();
-    let rank: BTreeMap<u32, u32> = by_addr
+    // Rank by id, as a dense table (ids are below MAX_BACKENDS).
+    let len = by_addr
         .iter()
-        .enumerate()
-        .map(|(i, &(_, id))| (id, i as u32))
-        .collect();
+        .map(|&(_, id)| id as usize + 1)
+        .max()
+        .unwrap_or(0);
+    let mut rank = vec![BACKEND_NONE; len];
+    for (i, &(_, id)) in by_addr.iter().enumerate() {
+        rank[id as usize] = i as u32;
+    }
     let ranks: Vec<u32> = ring
         .iter()
-        .map(|id| rank.get(id).copied().unwrap_or(BACKEND_NONE))
+        .map(|&id| rank.get(id as usize).copied().unwrap_or(BACKEND_NONE))
         .collect();
     let addrs: Vec<u32> = by_addr.iter().flat_map(|&(a, _)| addr_words(a).0).collect();
     maglev::table_digest(&ranks) ^ maglev::table_digest(&addrs).rotate_left(1)

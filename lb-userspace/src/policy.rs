@@ -117,6 +117,18 @@ fn moved_fraction(
     new: &PlannedVip,
 ) -> f64 {
     const SAMPLES: u32 = 65536;
+    // Address by id as dense tables: this runs per slot.
+    let dense = |ids: &BTreeMap<u32, IpAddr>| {
+        let len = ids.keys().next_back().map_or(0, |&id| id as usize + 1);
+        let mut t = vec![None; len];
+        for (&id, &a) in ids {
+            t[id as usize] = Some(a);
+        }
+        t
+    };
+    let (old_t, new_t) = (dense(old_ids), dense(new_ids));
+    let old_addr = |id: u32| old_t.get(id as usize).copied().flatten();
+    let new_addr = |id: u32| new_t.get(id as usize).copied().flatten();
     let (sa, sb) = (&old.ring, &new.ring);
     if sa.is_empty() || sb.is_empty() {
         return if sa.is_empty() && sb.is_empty() {
@@ -129,7 +141,7 @@ fn moved_fraction(
         let moved = sa
             .iter()
             .zip(sb.iter())
-            .filter(|&(&x, &y)| addr_of(old_ids, x) != addr_of(new_ids, y))
+            .filter(|&(&x, &y)| old_addr(x) != new_addr(y))
             .count();
         return moved as f64 / sa.len() as f64;
     }
@@ -139,7 +151,7 @@ fn moved_fraction(
             let hash = i * step;
             let x = sa[lb_common::ring_slot(hash, sa.len() as u32) as usize];
             let y = sb[lb_common::ring_slot(hash, sb.len() as u32) as usize];
-            addr_of(old_ids, x) != addr_of(new_ids, y)
+            old_addr(x) != new_addr(y)
         })
         .count();
     moved as f64 / f64::from(SAMPLES)

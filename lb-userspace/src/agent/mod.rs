@@ -18,7 +18,7 @@ pub mod state;
 pub mod workflow;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashSet, VecDeque},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     time::{Instant, SystemTime},
@@ -414,6 +414,7 @@ impl Agent {
             let mut serve = decision.serve;
             // Backends not taking new flows (drain, weight 0) are not the
             // valve's business: they serve while healthy.
+            let eligible: HashSet<IpAddr> = eligible.into_iter().collect();
             serve.extend(
                 vip.backends
                     .iter()
