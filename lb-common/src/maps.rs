@@ -14,9 +14,13 @@ pub const LAYOUT_VERSION: u32 = 3;
 /// `HashMap<VipKey, VipMeta>`: the VIPs.
 pub const MAP_VIPS: &str = "VIPS";
 /// `ArrayOfMaps<Array<RingChunk, RING_CHUNKS>, MAX_RINGS>`: Maglev lookup
-/// tables (slot → backend id, 32 slots per element), two per VIP (see
-/// [`ring_index`]); a VIP entry names the live one in `VipMeta::ring`.
+/// tables (slot → backend id, 32 slots per element), two per VIP id (see
+/// [`ring_index`]).
 pub const MAP_RINGS: &str = "RINGS";
+/// `Array<u32, MAX_VIPS>`: which of a VIP id's two tables is live (0 or
+/// 1). Switching a VIP to its other table is one aligned 4-byte store:
+/// every CPU reads the old value or the new one.
+pub const MAP_RING_LIVE: &str = "RING_LIVE";
 /// `Array<Backend, MAX_BACKENDS>`: backends by id.
 pub const MAP_BACKENDS: &str = "BACKENDS";
 /// `LruHashMap<FlowKey, ConnEntry>`: the connection table.
@@ -57,9 +61,9 @@ pub const MAX_VIPS: u32 = 256;
 /// (address, protocol).
 pub const MAX_VIP_KEYS: u32 = MAX_VIPS * 2;
 /// Slots of the outer lookup-table map: two per VIP id. Userspace fills
-/// the idle table of a VIP while packets read the live one, then switches
-/// the VIP entry over (one atomic hash update, no RCU grace period to wait
-/// for on the way to live).
+/// the idle table of a VIP while packets read the live one, then flips the
+/// VIP's [`MAP_RING_LIVE`] entry (no RCU grace period to wait for on the
+/// way to live).
 pub const MAX_RINGS: u32 = MAX_VIPS * 2;
 
 /// Outer-map slot of table `buffer` (0 or 1) of VIP id `vip_id`.
@@ -148,16 +152,14 @@ pub const VIP_F_FRAG_ALIAS: u32 = 1 << 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VipMeta {
-    /// Index of the per-VIP counters; owns tables
+    /// Index of the per-VIP counters and of [`MAP_RING_LIVE`]; owns tables
     /// `ring_index(vip_id, 0)` and `ring_index(vip_id, 1)`.
     pub vip_id: u32,
     /// Number of lookup-table slots in use (a prime ≤ [`MAX_RING_SIZE`]).
     pub ring_size: u32,
     /// `VIP_F_*` bits.
     pub flags: u32,
-    /// Slot of [`MAP_RINGS`] holding the live table: one of the VIP id's
-    /// two (see [`ring_index`]).
-    pub ring: u32,
+    pub _pad: u32,
 }
 const _: () = assert!(core::mem::size_of::<VipMeta>() == 16);
 

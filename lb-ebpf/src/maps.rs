@@ -13,8 +13,8 @@ use lb_common::{
 
 /// A VIP's lookup table: 32 slots per element (`u16` backend ids, see
 /// `lb_common::RING_CHUNK_SLOTS`). Memory-mappable so userspace fills a
-/// table with one copy. Each VIP has two in [`RINGS`]: userspace fills the
-/// idle one, then points the VIP entry's `ring` at it.
+/// table with one copy. Each VIP id has two in [`RINGS`]: userspace fills
+/// the idle one, then flips the VIP's [`RING_LIVE`] entry to it.
 pub type Ring = Array<RingChunk, { RING_CHUNKS as usize }, { BPF_F_MMAPABLE as usize }>;
 
 #[btf_map]
@@ -22,6 +22,9 @@ pub static VIPS: HashMap<VipKey, VipMeta, { MAX_VIP_KEYS as usize }> = HashMap::
 
 #[btf_map]
 pub static RINGS: ArrayOfMaps<Ring, { MAX_RINGS as usize }> = ArrayOfMaps::new();
+
+#[btf_map]
+pub static RING_LIVE: Array<u32, { MAX_VIPS as usize }> = Array::new();
 
 #[btf_map]
 pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();

@@ -4,11 +4,11 @@
 use lb_common::{
     BACKEND_F_ACTIVE, Backend, ConnEntry, FlowKey, RING_CHUNK_SLOTS, STAT_CONN_HIT,
     STAT_CONN_INSERT_FAIL, STAT_CONN_MISS, STAT_CONN_STALE, STAT_DROP_NO_BACKEND,
-    VIP_F_SRC_AFFINITY, VipMeta, flow_hash, ring_slot,
+    VIP_F_SRC_AFFINITY, VipMeta, flow_hash, ring_index, ring_slot,
 };
 
 use crate::{
-    maps::{BACKENDS, CONN_TABLE, RINGS, count},
+    maps::{BACKENDS, CONN_TABLE, RING_LIVE, RINGS, count},
     outcome::Outcome,
 };
 
@@ -40,8 +40,9 @@ pub fn from_ring(meta: &VipMeta, key: &FlowKey, seed: u32) -> Result<Chosen, Out
         flow_hash(key, seed)
     };
     let slot = ring_slot(hash, ring_size);
+    let live = RING_LIVE.get(meta.vip_id).copied().unwrap_or(0);
     let chunk = RINGS
-        .get_value(meta.ring, &(slot / RING_CHUNK_SLOTS))
+        .get_value(ring_index(meta.vip_id, live), &(slot / RING_CHUNK_SLOTS))
         .ok_or(Outcome::drop(STAT_DROP_NO_BACKEND))?;
     let id = u32::from(chunk[(slot % RING_CHUNK_SLOTS) as usize]);
     // RING_SLOT_NONE (0xffff) is out of the array's range: a miss.

@@ -7,19 +7,28 @@
 //! 2. backend entries (new ids first get zeroed counters): a new id is not
 //!    referenced by any table yet;
 //! 3. each changed lookup table is written, through `mmap`, into the idle
-//!    one of its VIP's two tables (no program reads it: no VIP entry names
-//!    it, and a grace period has passed since one last did). A new VIP's
-//!    pair is created and put into the outer map with one batched update;
-//!    if no idle table can be proven unread, a new table replaces one in
-//!    the outer map (atomic for readers, the kernel waits a grace period);
-//! 4. the VIP address filter admits the old and new addresses, then VIP
-//!    entries are written, each naming its live table (one atomic hash
-//!    update each). **From here the change is live on every CPU**;
-//! 5. VIP entries that left are deleted;
+//!    one of its VIP's two tables (no program reads it: `RING_LIVE` names
+//!    the other, and a grace period has passed since it was live). A new
+//!    VIP's pair is created and put into the outer map with one batched
+//!    update; if the idle table may still be read (after a failed write),
+//!    a new table replaces it in the outer map instead (atomic for
+//!    readers);
+//! 4. the changed VIPs' `RING_LIVE` entries are flipped to the new tables
+//!    (one aligned 4-byte store each: a packet uses the old table or the
+//!    new one);
+//! 5. the VIP address filter admits the old and new addresses, then VIP
+//!    entries that are new or changed are written (one hash update each)
+//!    and those that left are deleted. **From here the change is live on
+//!    every CPU**;
 //! 6. after an RCU grace period (no program still runs with an old table
 //!    or entry), backends that left are marked inactive, so their
 //!    connection entries miss, and the tables switched away from become
 //!    idle; the filter is narrowed to the new addresses.
+//!
+//! Table changes never rewrite VIP entries: the kernel may reuse a replaced
+//! hash element's memory for the next update, so a program that had just
+//! looked the old entry up could read a mix of two entries. VIP entries
+//! change only when a VIP's address, mode, hashing or table size does.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
@@ -43,9 +52,9 @@ use aya::{
 use lb_common::{
     BACKEND_NONE, BPF_F_MMAPABLE, Backend, CONN_TABLE_CAPACITY, DECAP_STAT_COUNT, GlobalConfig,
     LAYOUT_VERSION, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_CONN_TABLE, MAP_DECAP_STATS,
-    MAP_RINGS, MAP_STATS, MAP_TX_PORTS, MAP_VIP_FILTER, MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS,
-    MAX_RING_SIZE, PROG_DECAP, PROG_LB, RING_CHUNK_SLOTS, RING_CHUNKS, RING_SLOT_NONE, RingChunk,
-    STAT_COUNT, TrafficCounters, VipKey, VipMeta, ring_index,
+    MAP_RING_LIVE, MAP_RINGS, MAP_STATS, MAP_TX_PORTS, MAP_VIP_FILTER, MAP_VIP_STATS, MAP_VIPS,
+    MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, PROG_DECAP, PROG_LB, RING_CHUNK_SLOTS, RING_CHUNKS,
+    RING_SLOT_NONE, RingChunk, STAT_COUNT, TrafficCounters, VipKey, VipMeta, ring_index,
 };
 
 use crate::plan::{MapPlan, PlannedBackend};
@@ -118,9 +127,10 @@ impl Default for LoadOptions {
 
 /// Maps that carry state across restarts (all but the benchmark's and the
 /// decap program's).
-const PINNED_MAPS: [&str; 10] = [
+const PINNED_MAPS: [&str; 11] = [
     MAP_VIPS,
     MAP_RINGS,
+    MAP_RING_LIVE,
     MAP_BACKENDS,
     MAP_CONN_TABLE,
     MAP_VIP_FILTER,
@@ -374,19 +384,22 @@ impl Loaded {
 pub struct Datapath {
     loaded: Loaded,
     applied: Option<MapPlan>,
-    /// The lookup table (outer-map slot) each VIP entry in the kernel
-    /// names: read back at load, then kept in step with every write.
+    /// The VIP id of each VIP entry in the kernel: read back at load, then
+    /// kept in step with every write.
     refs: std::collections::HashMap<VipKey, u32>,
-    /// Tables that lost their last VIP entry since the last grace period:
-    /// a program may still be reading them, so they are not written.
+    /// `RING_LIVE` as the kernel holds it (by VIP id).
+    live: Vec<u32>,
+    /// Tables (outer-map slots) that stopped being live since the last
+    /// grace period: a program may still be reading them, so they are not
+    /// written in place.
     retired: HashSet<u32>,
 }
 
 /// What [`Datapath::apply`] did.
 #[derive(Clone, Copy, Debug)]
 pub struct Applied {
-    /// When the last VIP entry was switched: from then on every packet on
-    /// every CPU is handled by the new plan. (`apply` returns later, after
+    /// When the last table flip and VIP entry write were done: from then on
+    /// every packet on every CPU is handled by the new plan. (`apply` returns later, after
     /// the grace period that lets departed backends be deactivated.)
     pub live_at: Instant,
 }
@@ -400,11 +413,16 @@ impl Datapath {
         } = opts;
         let loaded = Loaded::load(PROG_LB, conn_table_capacity, pin_dir.as_deref())?;
         let mut refs = std::collections::HashMap::new();
+        let mut live = vec![0; MAX_VIPS as usize];
         if loaded.adopted {
             let vips: HashMap<_, VipKey, VipMeta> = loaded.map(MAP_VIPS)?;
             for entry in &vips {
                 let (k, v) = entry.map_err(map_err(MAP_VIPS))?;
-                refs.insert(k, v.ring);
+                refs.insert(k, v.vip_id);
+            }
+            let flags: Array<_, u32> = loaded.map(MAP_RING_LIVE)?;
+            for (id, l) in live.iter_mut().enumerate() {
+                *l = flags.get(&(id as u32), 0).map_err(map_err(MAP_RING_LIVE))? & 1;
             }
             // Whatever the earlier process switched away from last is idle
             // after this.
@@ -414,6 +432,7 @@ impl Datapath {
             loaded,
             applied: None,
             refs,
+            live,
             retired: HashSet::new(),
         })
     }
@@ -566,28 +585,8 @@ impl Datapath {
         for (name, key, meta) in &planned_vips {
             match kernel_vips.get(key) {
                 None => diffs.push(format!("VIP {name} is missing from the kernel")),
-                Some(m) if !same_entry(m, meta) => {
-                    diffs.push(format!("VIP {name}: entry differs"));
-                }
+                Some(m) if m != meta => diffs.push(format!("VIP {name}: entry differs")),
                 Some(_) => {}
-            }
-        }
-        // A fragment alias must name the table its VIP's entry names.
-        let live_ring = |vip_id: u32| {
-            plan.vips
-                .iter()
-                .find(|v| v.meta.vip_id == vip_id)
-                .and_then(|v| kernel_vips.get(&v.key))
-                .map(|m| m.ring)
-        };
-        for (key, meta) in &plan.aliases {
-            if let (Some(alias), Some(ring)) = (kernel_vips.get(key), live_ring(meta.vip_id))
-                && alias.ring != ring
-            {
-                diffs.push(format!(
-                    "fragment alias of VIP id {} names another table than its VIP",
-                    meta.vip_id
-                ));
             }
         }
         let planned_keys: HashSet<VipKey> = planned_vips.iter().map(|p| p.1).collect();
@@ -619,9 +618,17 @@ impl Datapath {
             }
         }
         let rings: ArrayOfMaps<_, MapData> = self.map(MAP_RINGS)?;
+        let live: Array<_, u32> = self.map(MAP_RING_LIVE)?;
         for v in &plan.vips {
-            let ring = kernel_vips.get(&v.key).map_or(v.meta.ring, |m| m.ring);
-            match rings.get(&ring, 0) {
+            let id = v.meta.vip_id;
+            let flag = live.get(&id, 0).map_err(map_err(MAP_RING_LIVE))?;
+            if flag > 1 {
+                diffs.push(format!(
+                    "VIP {}: live-table flag {flag} is not 0 or 1",
+                    v.vip
+                ));
+            }
+            match rings.get(&ring_index(id, flag), 0) {
                 Ok(inner) => {
                     let table = read_ring(&inner, v.ring.len())?;
                     if crate::maglev::table_digest(&table) != v.ring_digest {
@@ -667,7 +674,7 @@ impl Datapath {
         for k in keys {
             if !planned.contains(&k) {
                 vips.remove(&k).map_err(map_err(MAP_VIPS))?;
-                unref(&mut self.refs, &mut self.retired, &k);
+                unref(&mut self.refs, &self.live, &mut self.retired, &k);
                 removed = true;
             }
         }
@@ -698,7 +705,8 @@ impl Datapath {
         let mut config: Array<_, GlobalConfig> = self.map_mut(MAP_CONFIG)?;
         config.set(0, plan.global, 0).map_err(map_err(MAP_CONFIG))?;
         self.write_backends(plan, prev)?;
-        let rings = self.write_rings(plan, prev)?;
+        let flips = self.write_rings(plan, prev)?;
+        self.flip_tables(&flips)?;
 
         // The address filter must admit every address of the old and the
         // new plan while both may be in the VIP map.
@@ -712,7 +720,7 @@ impl Datapath {
         if prev.is_none() || union != old_filter {
             self.write_filter(&union)?;
         }
-        self.write_vip_entries(plan, prev, &rings)?;
+        self.write_vip_entries(plan, prev)?;
         let live_at = Instant::now();
 
         let gone: Vec<&PlannedBackend> = prev.map_or_else(Vec::new, |prev| {
@@ -778,13 +786,12 @@ impl Datapath {
         Ok(())
     }
 
-    /// VIP entries that are new, changed or switched to another table (each
-    /// one atomic hash update), then deletion of those that left.
+    /// VIP entries that are new or changed (one hash update each), then
+    /// deletion of those that left.
     fn write_vip_entries(
         &mut self,
         plan: &MapPlan,
         prev: Option<&MapPlan>,
-        rings: &BTreeMap<u32, u32>,
     ) -> Result<(), DatapathError> {
         let before: std::collections::HashMap<VipKey, VipMeta> = prev
             .map(|p| {
@@ -804,17 +811,16 @@ impl Datapath {
             .chain(plan.aliases.iter().copied())
         {
             keys.insert(key);
-            let ring = rings.get(&meta.vip_id).copied().unwrap_or(meta.ring);
-            if before.get(&key) == Some(&meta) && self.refs.get(&key) == Some(&ring) {
+            if before.get(&key) == Some(&meta) && self.refs.get(&key) == Some(&meta.vip_id) {
                 continue;
             }
-            vips.insert(key, VipMeta { ring, ..meta }, 0)
-                .map_err(map_err(MAP_VIPS))?;
-            if let Some(old) = self.refs.insert(key, ring)
-                && old != ring
-                && !self.refs.values().any(|r| *r == old)
+            vips.insert(key, meta, 0).map_err(map_err(MAP_VIPS))?;
+            if let Some(old) = self.refs.insert(key, meta.vip_id)
+                && old != meta.vip_id
+                && !self.refs.values().any(|v| *v == old)
             {
-                self.retired.insert(old);
+                self.retired
+                    .insert(ring_index(old, self.live[old as usize]));
             }
         }
         if let Some(prev) = prev {
@@ -826,21 +832,21 @@ impl Datapath {
             {
                 if !keys.contains(&key) {
                     vips.remove(&key).map_err(map_err(MAP_VIPS))?;
-                    unref(&mut self.refs, &mut self.retired, &key);
+                    unref(&mut self.refs, &self.live, &mut self.retired, &key);
                 }
             }
         }
         Ok(())
     }
 
-    /// Puts every changed lookup table in place without touching a table
-    /// a program may read, and returns the table each VIP id's entries
-    /// must name. Unchanged tables stay where they are.
+    /// Writes every changed lookup table into its VIP's idle table, without
+    /// touching a table a program may read. Returns the flips to make live:
+    /// (VIP id, table 0 or 1). Unchanged tables stay where they are.
     fn write_rings(
         &mut self,
         plan: &MapPlan,
         prev: Option<&MapPlan>,
-    ) -> Result<BTreeMap<u32, u32>, DatapathError> {
+    ) -> Result<Vec<(u32, u32)>, DatapathError> {
         let prev_rings: BTreeMap<u32, u64> = prev
             .map(|p| {
                 p.vips
@@ -849,63 +855,49 @@ impl Datapath {
                     .collect()
             })
             .unwrap_or_default();
-        let busy: HashSet<u32> = self
-            .refs
-            .values()
-            .chain(self.retired.iter())
-            .copied()
-            .collect();
-        let mut rings = BTreeMap::new();
+        let in_kernel: HashSet<u32> = self.refs.values().copied().collect();
+        let mut flips = Vec::new();
         // Tables to put into the outer map: one batched update, and one
         // grace period, for all of them.
         let mut created = Vec::new();
         for v in &plan.vips {
-            let vip_id = v.meta.vip_id;
-            let live = self.refs.get(&v.key).copied().filter(|r| r / 2 == vip_id);
-            if let Some(r) = live
-                && prev_rings.get(&vip_id) == Some(&v.ring_digest)
-            {
-                rings.insert(vip_id, r);
+            let id = v.meta.vip_id;
+            if in_kernel.contains(&id) && prev_rings.get(&id) == Some(&v.ring_digest) {
                 continue;
             }
-            let first = live.map_or(ring_index(vip_id, 0), |r| r ^ 1);
-            let target = self.place_table(&v.ring, first, &busy, &mut created)?;
-            rings.insert(vip_id, target);
+            let idle = ring_index(id, self.live[id as usize] ^ 1);
+            match self.inner_ring(idle)? {
+                Some(table) if !self.retired.contains(&idle) => fill_ring(&table, &v.ring)?,
+                Some(_) => created.push((idle, new_ring(&v.ring)?)),
+                None => {
+                    created.push((idle, new_ring(&v.ring)?));
+                    // A new VIP id gets its spare table now, so that its
+                    // later changes never wait on the outer map.
+                    if self.inner_ring(idle ^ 1)?.is_none() {
+                        created.push((idle ^ 1, new_ring(&[])?));
+                    }
+                }
+            }
+            flips.push((id, idle & 1));
         }
         if !created.is_empty() {
             self.swap_rings(&created)?;
         }
-        Ok(rings)
+        Ok(flips)
     }
 
-    /// Writes `ring` into the first of tables `first`, `first ^ 1` (a VIP's
-    /// pair) that no program reads; returns the slot that holds it. A slot
-    /// without a table gets a new one (queued in `created`, with the spare
-    /// of the pair). When both may be read, a new table is queued for
-    /// `first`: the outer-map update swaps it in atomically.
-    fn place_table(
-        &self,
-        ring: &[u32],
-        first: u32,
-        busy: &HashSet<u32>,
-        created: &mut Vec<(u32, MapData)>,
-    ) -> Result<u32, DatapathError> {
-        let Some(idle) = [first, first ^ 1].into_iter().find(|r| !busy.contains(r)) else {
-            created.push((first, new_ring(ring)?));
-            return Ok(first);
-        };
-        if let Some(table) = self.inner_ring(idle)? {
-            fill_ring(&table, ring)?;
-            return Ok(idle);
+    /// Makes each VIP id's new table live (`RING_LIVE`); the tables left
+    /// are retired until the next grace period.
+    fn flip_tables(&mut self, flips: &[(u32, u32)]) -> Result<(), DatapathError> {
+        let mut live: Array<_, u32> = self.loaded.map_mut(MAP_RING_LIVE)?;
+        for &(id, table) in flips {
+            live.set(id, table, 0).map_err(map_err(MAP_RING_LIVE))?;
+            let old = std::mem::replace(&mut self.live[id as usize], table);
+            if old != table {
+                self.retired.insert(ring_index(id, old));
+            }
         }
-        created.push((idle, new_ring(ring)?));
-        // A new VIP gets its spare table now, so that its later changes
-        // never wait on the outer map.
-        let spare = idle ^ 1;
-        if !busy.contains(&spare) && self.inner_ring(spare)?.is_none() {
-            created.push((spare, new_ring(&[])?));
-        }
-        Ok(idle)
+        Ok(())
     }
 
     /// The table in outer-map slot `index`, if one was put there.
@@ -1111,29 +1103,18 @@ fn fill_ring(table: &MapData, ring: &[u32]) -> Result<(), DatapathError> {
     Ok(())
 }
 
-/// Forgets the kernel VIP entry `key` (deleted); its table is retired if
-/// no other entry names it.
+/// Forgets the kernel VIP entry `key` (deleted); its VIP id's live table
+/// is retired if no other entry has that id.
 fn unref(
     refs: &mut std::collections::HashMap<VipKey, u32>,
+    live: &[u32],
     retired: &mut HashSet<u32>,
     key: &VipKey,
 ) {
     if let Some(old) = refs.remove(key)
-        && !refs.values().any(|r| *r == old)
+        && !refs.values().any(|v| *v == old)
     {
-        retired.insert(old);
-    }
-}
-
-/// A kernel VIP entry says what the planned one says; the table may be
-/// either of the VIP's two.
-fn same_entry(kernel: &VipMeta, planned: &VipMeta) -> bool {
-    VipMeta {
-        ring: kernel.ring / 2,
-        ..*kernel
-    } == VipMeta {
-        ring: planned.ring / 2,
-        ..*planned
+        retired.insert(ring_index(old, live[old as usize]));
     }
 }
 

@@ -459,9 +459,7 @@ fn plan_vip(
             vip_id,
             ring_size: vip.table_size,
             flags,
-            // The planner names the first table of the pair; the data-path
-            // layer writes whichever of the two is idle and sets this.
-            ring: lb_common::ring_index(vip_id, 0),
+            _pad: 0,
         },
         ring_digest: reused.map_or_else(|| maglev::table_digest(&ring), |o| o.ring_digest),
         fleet_digest: reused.map_or_else(
