@@ -399,8 +399,9 @@ pub struct Datapath {
 #[derive(Clone, Copy, Debug)]
 pub struct Applied {
     /// When the last table flip and VIP entry write were done: from then on
-    /// every packet on every CPU is handled by the new plan. (`apply` returns later, after
-    /// the grace period that lets departed backends be deactivated.)
+    /// every packet on every CPU is handled by the new plan. (`apply`
+    /// returns later, after the grace period that lets departed backends
+    /// be deactivated.)
     pub live_at: Instant,
 }
 
@@ -815,12 +816,8 @@ impl Datapath {
                 continue;
             }
             vips.insert(key, meta, 0).map_err(map_err(MAP_VIPS))?;
-            if let Some(old) = self.refs.insert(key, meta.vip_id)
-                && old != meta.vip_id
-                && !self.refs.values().any(|v| *v == old)
-            {
-                self.retired
-                    .insert(ring_index(old, self.live[old as usize]));
+            if let Some(old) = self.refs.insert(key, meta.vip_id) {
+                retire_if_unused(&self.refs, &self.live, &mut self.retired, old);
             }
         }
         if let Some(prev) = prev {
@@ -1103,18 +1100,28 @@ fn fill_ring(table: &MapData, ring: &[u32]) -> Result<(), DatapathError> {
     Ok(())
 }
 
-/// Forgets the kernel VIP entry `key` (deleted); its VIP id's live table
-/// is retired if no other entry has that id.
+/// Forgets the kernel VIP entry `key` (deleted); see [`retire_if_unused`].
 fn unref(
     refs: &mut std::collections::HashMap<VipKey, u32>,
     live: &[u32],
     retired: &mut HashSet<u32>,
     key: &VipKey,
 ) {
-    if let Some(old) = refs.remove(key)
-        && !refs.values().any(|v| *v == old)
-    {
-        retired.insert(ring_index(old, live[old as usize]));
+    if let Some(old) = refs.remove(key) {
+        retire_if_unused(refs, live, retired, old);
+    }
+}
+
+/// Retires VIP id `vip_id`'s live table once no kernel VIP entry has that
+/// id any more (a program that looked the entry up may still read it).
+fn retire_if_unused(
+    refs: &std::collections::HashMap<VipKey, u32>,
+    live: &[u32],
+    retired: &mut HashSet<u32>,
+    vip_id: u32,
+) {
+    if !refs.values().any(|v| *v == vip_id) {
+        retired.insert(ring_index(vip_id, live[vip_id as usize]));
     }
 }
 
