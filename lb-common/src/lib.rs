@@ -16,13 +16,18 @@
 //! sides.
 #![no_std]
 
+pub mod conn;
 pub mod flow;
 pub mod maps;
 pub mod stats;
 
+pub use conn::{
+    CONN_WAYS, ConnBucket, ConnParams, MAX_CONN_TABLE_CAPACITY, conn_bucket, conn_buckets,
+    conn_hash, conn_tag, conn_way, way_backend, way_generation_matches, way_tag,
+};
 pub use flow::{
     FAMILY_V4, FAMILY_V6, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, flow_hash,
-    ring_slot,
+    flow_hash_of_mix, flow_mix, fmix64, ring_slot,
 };
 pub use maps::*;
 pub use stats::*;

@@ -8,7 +8,7 @@
 
 /// Version of the pinned map layout. A newer agent refuses to adopt pinned
 /// maps of another version instead of misreading them.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 // ---- map names (the static names in lb-ebpf) ----
 /// `HashMap<VipKey, VipMeta>`: the VIPs.
@@ -23,8 +23,12 @@ pub const MAP_RINGS: &str = "RINGS";
 pub const MAP_RING_LIVE: &str = "RING_LIVE";
 /// `Array<Backend, MAX_BACKENDS>`: backends by id.
 pub const MAP_BACKENDS: &str = "BACKENDS";
-/// `LruHashMap<FlowKey, ConnEntry>`: the connection table.
+/// `Array<ConnBucket, buckets>` (memory-mappable, so every bucket is one
+/// aligned cache line): the connection table, see [`crate::conn`].
 pub const MAP_CONN_TABLE: &str = "CONN_TABLE";
+/// `Array<ConnParams, 1>`: the connection table's hash secret and bucket
+/// mask.
+pub const MAP_CONN_PARAMS: &str = "CONN_PARAMS";
 /// `Array<u64, VIP_FILTER_WORDS>`: bitmap of VIP addresses.
 pub const MAP_VIP_FILTER: &str = "VIP_FILTER";
 /// `Array<GlobalConfig, 1>`: fleet-wide settings.
@@ -78,13 +82,10 @@ pub const MAX_BACKENDS: u32 = 16384;
 pub const MAX_RING_SIZE: u32 = 65537;
 /// Default lookup-table size (prime).
 pub const DEFAULT_RING_SIZE: u32 = 65537;
-/// Default connection-table capacity (the loader may override it).
+/// Default connection-table capacity in flows (ways): 32768 buckets of
+/// [`crate::CONN_WAYS`], 2 MiB. The loader rounds any capacity up to a
+/// power-of-two number of buckets (see [`crate::conn_buckets`]).
 pub const CONN_TABLE_CAPACITY: u32 = 262_144;
-/// Connection-table flags: 0, one LRU shared by all CPUs (simple to inspect,
-/// survives RSS changes). `BPF_F_NO_COMMON_LRU` (per-CPU LRU lists) was
-/// measured on the bench VM and gave no measurable gain on new flows: the
-/// insert cost there is dominated by the memory footprint of the table.
-pub const CONN_TABLE_FLAGS: u32 = 0;
 /// Words (u64) of the VIP address bitmap: 4096 bits.
 pub const VIP_FILTER_WORDS: u32 = 64;
 
@@ -187,16 +188,6 @@ pub struct Backend {
 }
 const _: () = assert!(core::mem::size_of::<Backend>() == 32);
 
-/// Value of [`MAP_CONN_TABLE`].
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ConnEntry {
-    pub backend_id: u32,
-    /// `Backend::generation` when the entry was made.
-    pub backend_generation: u32,
-}
-const _: () = assert!(core::mem::size_of::<ConnEntry>() == 8);
-
 /// Value of [`MAP_CONFIG`] (index 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -237,7 +228,7 @@ mod pod {
     unsafe impl aya::Pod for super::VipKey {}
     unsafe impl aya::Pod for super::VipMeta {}
     unsafe impl aya::Pod for super::Backend {}
-    unsafe impl aya::Pod for super::ConnEntry {}
+    unsafe impl aya::Pod for crate::conn::ConnParams {}
     unsafe impl aya::Pod for super::GlobalConfig {}
     unsafe impl aya::Pod for super::TrafficCounters {}
     unsafe impl aya::Pod for crate::flow::FlowKey {}

@@ -56,9 +56,11 @@ counters! {
     STAT_CONN_HIT = "conn_hit",
     /// Detail: no connection entry, backend chosen from the lookup table.
     STAT_CONN_MISS = "conn_miss",
-    /// Detail: connection entry pointed at a backend that is gone.
+    /// Detail: connection entry pointed at a backend that is gone (or, by a
+    /// tag collision, at one of another VIP); the flow is picked afresh.
     STAT_CONN_STALE = "conn_stale",
-    /// Detail: inserting a connection entry failed.
+    /// Detail: the connection table could not be read (a missing map): the
+    /// flow was forwarded by its lookup-table pick and not recorded.
     STAT_CONN_INSERT_FAIL = "conn_insert_fail",
     /// Detail: IP fragment of VIP traffic (hashed on addresses only).
     STAT_FRAGMENT = "fragment",

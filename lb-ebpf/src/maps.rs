@@ -2,12 +2,12 @@
 //! `lb-common`; userspace finds them by the same names.
 
 use aya_ebpf::{
-    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
-    BPF_F_MMAPABLE, Backend, CONN_TABLE_CAPACITY, CONN_TABLE_FLAGS, ConnEntry, DECAP_STAT_COUNT,
-    FlowKey, GlobalConfig, MAX_BACKENDS, MAX_RINGS, MAX_TX_PORTS, MAX_VIP_KEYS, MAX_VIPS,
+    BPF_F_MMAPABLE, Backend, CONN_TABLE_CAPACITY, CONN_WAYS, ConnBucket, ConnParams,
+    DECAP_STAT_COUNT, GlobalConfig, MAX_BACKENDS, MAX_RINGS, MAX_TX_PORTS, MAX_VIP_KEYS, MAX_VIPS,
     RING_CHUNKS, RingChunk, STAT_COUNT, TrafficCounters, VIP_FILTER_WORDS, VipKey, VipMeta,
 };
 
@@ -29,13 +29,18 @@ pub static RING_LIVE: Array<u32, { MAX_VIPS as usize }> = Array::new();
 #[btf_map]
 pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 
+/// The connection table (see `lb_common::conn`); the loader sets its
+/// size. Memory-mappable only so that the kernel page-aligns the values:
+/// every bucket is then exactly one cache line.
 #[btf_map]
-pub static CONN_TABLE: LruHashMap<
-    FlowKey,
-    ConnEntry,
-    { CONN_TABLE_CAPACITY as usize },
-    { CONN_TABLE_FLAGS as usize },
-> = LruHashMap::new();
+pub static CONN_TABLE: Array<
+    ConnBucket,
+    { CONN_TABLE_CAPACITY as usize / CONN_WAYS },
+    { BPF_F_MMAPABLE as usize },
+> = Array::new();
+
+#[btf_map]
+pub static CONN_PARAMS: Array<ConnParams, 1> = Array::new();
 
 /// Bitmap of VIP addresses (see `lb_common::vip_filter_bit`): an array
 /// lookup is inlined by the verifier, so traffic to other addresses passes

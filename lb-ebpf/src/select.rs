@@ -1,14 +1,18 @@
 //! Backend selection: the connection table for established flows, the
 //! VIP's Maglev lookup table for new ones.
 
+use core::ptr::{read_volatile, write_volatile};
+
 use lb_common::{
-    BACKEND_F_ACTIVE, Backend, ConnEntry, FlowKey, RING_CHUNK_SLOTS, STAT_CONN_HIT,
+    BACKEND_F_ACTIVE, Backend, CONN_WAYS, ConnBucket, FlowKey, RING_CHUNK_SLOTS, STAT_CONN_HIT,
     STAT_CONN_INSERT_FAIL, STAT_CONN_MISS, STAT_CONN_STALE, STAT_DROP_NO_BACKEND,
-    VIP_F_SRC_AFFINITY, VipMeta, flow_hash, ring_index, ring_slot,
+    VIP_F_SRC_AFFINITY, VipMeta, conn_bucket, conn_hash, conn_tag, conn_way, flow_hash,
+    flow_hash_of_mix, flow_mix, ring_index, ring_slot, way_backend, way_generation_matches,
+    way_tag,
 };
 
 use crate::{
-    maps::{BACKENDS, CONN_TABLE, RING_LIVE, RINGS, count},
+    maps::{BACKENDS, CONN_PARAMS, CONN_TABLE, RING_LIVE, RINGS, count},
     outcome::Outcome,
 };
 
@@ -26,9 +30,16 @@ pub struct Chosen {
     pub hash: Option<u32>,
 }
 
-/// Picks a backend from the VIP's lookup table by the flow hash of `key`.
+/// Picks a backend from the VIP's lookup table by the flow hash of `key`
+/// (of its source address for a client-affinity VIP).
 #[inline(always)]
 pub fn from_ring(meta: &VipMeta, key: &FlowKey, seed: u32) -> Result<Chosen, Outcome> {
+    from_ring_mixed(meta, key, seed, flow_mix(key, seed))
+}
+
+/// [`from_ring`] for a key whose [`flow_mix`] state `mix` is at hand.
+#[inline(always)]
+fn from_ring_mixed(meta: &VipMeta, key: &FlowKey, seed: u32, mix: u64) -> Result<Chosen, Outcome> {
     let ring_size = meta.ring_size;
     if ring_size == 0 {
         return Err(Outcome::drop(STAT_DROP_NO_BACKEND));
@@ -37,7 +48,7 @@ pub fn from_ring(meta: &VipMeta, key: &FlowKey, seed: u32) -> Result<Chosen, Out
     let hash = if affinity {
         flow_hash(&key.affinity(), seed)
     } else {
-        flow_hash(key, seed)
+        flow_hash_of_mix(mix)
     };
     let slot = ring_slot(hash, ring_size);
     let live = RING_LIVE.get(meta.vip_id).copied().unwrap_or(0);
@@ -60,30 +71,110 @@ pub fn from_ring(meta: &VipMeta, key: &FlowKey, seed: u32) -> Result<Chosen, Out
     })
 }
 
-/// The backend of an established flow, if its connection entry still names
-/// a live backend of the same generation (a reused id never captures an
-/// old flow).
-#[inline(always)]
-pub fn from_conn_table(key: &FlowKey) -> Option<Chosen> {
-    let entry = CONN_TABLE.get_ptr(key)?;
-    // SAFETY: the pointer came from a successful lookup; the value is copied
-    // out at once (an LRU entry may be reused after this program returns).
-    let entry = unsafe { *entry };
-    match BACKENDS.get(entry.backend_id) {
-        Some(b) if b.flags & BACKEND_F_ACTIVE != 0 && b.generation == entry.backend_generation => {
-            count(STAT_CONN_HIT);
-            Some(Chosen {
-                id: entry.backend_id,
-                backend: b,
-                new_flow: false,
-                hash: None,
-            })
+/// A flow's place in the connection table: its bucket, its tag, and the
+/// way that holds its tag (`CONN_WAYS` when none does).
+struct Slot {
+    bucket: *mut ConnBucket,
+    tag: u32,
+    way: usize,
+    /// The way's value when `way < CONN_WAYS`.
+    value: u64,
+}
+
+impl Slot {
+    /// Finds the bucket of the flow whose [`flow_mix`] state is `mix` and
+    /// reads its first way; `scan` then looks for the flow's tag. `None`
+    /// only if the table is missing (a loader fault; the flow is then not
+    /// pinned).
+    #[inline(always)]
+    fn locate(mix: u64) -> Option<Self> {
+        let params = CONN_PARAMS.get(0)?;
+        let hash = conn_hash(mix, params.secret);
+        let bucket = CONN_TABLE.get_ptr_mut(conn_bucket(hash, params.bucket_mask))?;
+        // SAFETY: `bucket` points at a map value of CONN_WAYS u64s; a way is
+        // read whole (one aligned 8-byte load).
+        let first = unsafe { read_volatile(&raw const (*bucket)[0]) };
+        Some(Self {
+            bucket,
+            tag: conn_tag(hash),
+            way: CONN_WAYS,
+            value: first,
+        })
+    }
+
+    /// Finds the way holding the flow's tag (`way`, `value`).
+    #[inline(always)]
+    fn scan(&mut self) {
+        let first = self.value;
+        self.value = 0;
+        if way_tag(first) == self.tag {
+            self.way = 0;
+            self.value = first;
+            return;
         }
-        _ => {
-            count(STAT_CONN_STALE);
-            None
+        for i in 1..CONN_WAYS {
+            // SAFETY: as in `locate`.
+            let w = unsafe { read_volatile(&raw const (*self.bucket)[i]) };
+            if way_tag(w) == self.tag {
+                self.way = i;
+                self.value = w;
+                return;
+            }
         }
     }
+
+    /// Puts `value` in the bucket's first way, moving the ways in front of
+    /// this flow's (all of them if it has none, dropping the last) back by
+    /// one: the bucket stays in most-recently-used order.
+    #[inline(always)]
+    fn put_front(&self, value: u64) {
+        let b = self.bucket;
+        for j in (1..CONN_WAYS).rev() {
+            if j <= self.way {
+                // SAFETY: in-bounds ways of the bucket; whole-way accesses.
+                unsafe { write_volatile(&raw mut (*b)[j], read_volatile(&raw const (*b)[j - 1])) };
+            }
+        }
+        // SAFETY: as above.
+        unsafe { write_volatile(&raw mut (*b)[0], value) };
+    }
+}
+
+/// The backend a connection-table way names, if it is still an active
+/// backend of this VIP of the way's generation (a reused id never captures
+/// an old flow).
+#[inline(always)]
+fn entry_backend(way: u64, meta: &VipMeta) -> Option<Chosen> {
+    let id = way_backend(way);
+    let b = BACKENDS.get(id)?;
+    if b.flags & BACKEND_F_ACTIVE != 0
+        && way_generation_matches(way, b.generation)
+        && b.vip_id == meta.vip_id
+    {
+        Some(Chosen {
+            id,
+            backend: b,
+            new_flow: false,
+            hash: None,
+        })
+    } else {
+        None
+    }
+}
+
+/// The backend of an established flow from its connection entry.
+#[inline(always)]
+fn from_slot(slot: &Slot, meta: &VipMeta) -> Option<Chosen> {
+    if slot.way >= CONN_WAYS {
+        return None;
+    }
+    let chosen = entry_backend(slot.value, meta);
+    count(if chosen.is_some() {
+        STAT_CONN_HIT
+    } else {
+        STAT_CONN_STALE
+    });
+    chosen
 }
 
 /// Established flow → its backend; otherwise a new pick that is recorded in
@@ -91,25 +182,21 @@ pub fn from_conn_table(key: &FlowKey) -> Option<Chosen> {
 /// new connection even when the 5-tuple is reused.
 #[inline(always)]
 pub fn for_flow(meta: &VipMeta, key: &FlowKey, seed: u32, syn: bool) -> Result<Chosen, Outcome> {
-    if syn {
-        // The SYN's entry (if any) is replaced, not used: this lookup only
-        // starts loading the key's hash bucket (and chain), so that miss
-        // overlaps the flow hash and the lookup-table read instead of
-        // stalling the insert below. At the default sizes both are cache
-        // misses; lb-bench A/B on the bench VM: ~30 ns less per new flow.
-        let _ = CONN_TABLE.get_ptr(key);
-    } else if let Some(chosen) = from_conn_table(key) {
+    let mix = flow_mix(key, seed);
+    let Some(mut slot) = Slot::locate(mix) else {
+        count(STAT_CONN_INSERT_FAIL);
+        return from_ring_mixed(meta, key, seed, mix);
+    };
+    slot.scan();
+    if !syn && let Some(chosen) = from_slot(&slot, meta) {
+        if slot.way != 0 {
+            slot.put_front(slot.value);
+        }
         return Ok(chosen);
     }
     count(STAT_CONN_MISS);
-    let chosen = from_ring(meta, key, seed)?;
-    let entry = ConnEntry {
-        backend_id: chosen.id,
-        backend_generation: chosen.backend.generation,
-    };
-    if CONN_TABLE.insert(key, &entry, 0).is_err() {
-        count(STAT_CONN_INSERT_FAIL);
-    }
+    let chosen = from_ring_mixed(meta, key, seed, mix)?;
+    slot.put_front(conn_way(slot.tag, chosen.id, chosen.backend.generation));
     Ok(chosen)
 }
 
@@ -117,8 +204,13 @@ pub fn for_flow(meta: &VipMeta, key: &FlowKey, seed: u32, syn: bool) -> Result<C
 /// (ICMP errors): the connection entry if any, else the lookup table.
 #[inline(always)]
 pub fn lookup_only(meta: &VipMeta, key: &FlowKey, seed: u32) -> Result<Chosen, Outcome> {
-    match from_conn_table(key) {
+    let mix = flow_mix(key, seed);
+    let found = Slot::locate(mix).and_then(|mut slot| {
+        slot.scan();
+        from_slot(&slot, meta)
+    });
+    match found {
         Some(chosen) => Ok(chosen),
-        None => from_ring(meta, key, seed),
+        None => from_ring_mixed(meta, key, seed, mix),
     }
 }

@@ -91,7 +91,8 @@ pub struct AgentSettings {
     /// Directory for the agent's state (applied generation, ids, history).
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
-    /// Connection table capacity (entries); only used when the maps are
+    /// Connection table capacity (flows, rounded up to a power of two
+    /// number of 8-flow buckets, at most 2^27); only used when the maps are
     /// created, not when adopting pinned ones.
     #[serde(default = "default_conn_table_capacity")]
     pub conn_table_capacity: u32,
@@ -1153,10 +1154,14 @@ fn check_agent(cfg: &Config, host: HostChecks, c: &mut Checker) {
             }
         }
     }
-    if a.conn_table_capacity == 0 {
+    if a.conn_table_capacity == 0 || a.conn_table_capacity > lb_common::MAX_CONN_TABLE_CAPACITY {
         c.push(
             &[K("agent"), K("conn_table_capacity")],
-            "agent: conn_table_capacity must be at least 1".into(),
+            format!(
+                "agent: conn_table_capacity must be 1..={} (flows), not {}",
+                lb_common::MAX_CONN_TABLE_CAPACITY,
+                a.conn_table_capacity
+            ),
             format!(
                 "remove the key for the default ({})",
                 lb_common::CONN_TABLE_CAPACITY
@@ -1938,7 +1943,9 @@ hash_seed = 20240501
 # Pinned maps and links (bpffs), and the agent's state (defaults).
 pin_dir = "/sys/fs/bpf/lbd"
 state_dir = "/var/lib/lbd"
-# Connection-table entries, used when the maps are created (default 262144).
+# Connection-table capacity in flows (default 262144, 8 bytes per flow;
+# rounded up to a power of two number of 8-flow buckets, at most 2^27).
+# Only used when the maps are created: adopted pinned maps keep their size.
 conn_table_capacity = 262144
 # Other interfaces IP-in-IP packets may leave by (default none).
 egress_interfaces = []

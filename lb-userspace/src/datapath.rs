@@ -50,11 +50,12 @@ use aya::{
     util::nr_cpus,
 };
 use lb_common::{
-    BACKEND_NONE, BPF_F_MMAPABLE, Backend, CONN_TABLE_CAPACITY, DECAP_STAT_COUNT, GlobalConfig,
-    LAYOUT_VERSION, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_CONN_TABLE, MAP_DECAP_STATS,
-    MAP_RING_LIVE, MAP_RINGS, MAP_STATS, MAP_TX_PORTS, MAP_VIP_FILTER, MAP_VIP_STATS, MAP_VIPS,
-    MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, PROG_DECAP, PROG_LB, RING_CHUNK_SLOTS, RING_CHUNKS,
-    RING_SLOT_NONE, RingChunk, STAT_COUNT, TrafficCounters, VipKey, VipMeta, ring_index,
+    BACKEND_NONE, BPF_F_MMAPABLE, Backend, CONN_TABLE_CAPACITY, ConnParams, DECAP_STAT_COUNT,
+    GlobalConfig, LAYOUT_VERSION, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_CONN_PARAMS,
+    MAP_CONN_TABLE, MAP_DECAP_STATS, MAP_RING_LIVE, MAP_RINGS, MAP_STATS, MAP_TX_PORTS,
+    MAP_VIP_FILTER, MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, PROG_DECAP,
+    PROG_LB, RING_CHUNK_SLOTS, RING_CHUNKS, RING_SLOT_NONE, RingChunk, STAT_COUNT, TrafficCounters,
+    VipKey, VipMeta, conn_buckets, ring_index,
 };
 
 use crate::plan::{MapPlan, PlannedBackend};
@@ -82,6 +83,8 @@ pub enum DatapathError {
     Mmap(std::io::Error),
     #[error("reading the number of CPUs failed: {0}")]
     Cpus(std::io::Error),
+    #[error("reading a random connection-table secret from /dev/urandom failed: {0}")]
+    Random(std::io::Error),
     #[error("egress map: {0}")]
     TxPorts(aya::maps::xdp::XdpMapError),
     #[error(
@@ -127,12 +130,13 @@ impl Default for LoadOptions {
 
 /// Maps that carry state across restarts (all but the benchmark's and the
 /// decap program's).
-const PINNED_MAPS: [&str; 11] = [
+const PINNED_MAPS: [&str; 12] = [
     MAP_VIPS,
     MAP_RINGS,
     MAP_RING_LIVE,
     MAP_BACKENDS,
     MAP_CONN_TABLE,
+    MAP_CONN_PARAMS,
     MAP_VIP_FILTER,
     MAP_CONFIG,
     MAP_TX_PORTS,
@@ -140,6 +144,38 @@ const PINNED_MAPS: [&str; 11] = [
     MAP_VIP_STATS,
     MAP_BACKEND_STATS,
 ];
+
+/// Gives the connection table its hash secret (once: an adopted table keeps
+/// the secret its flows were placed by) and its bucket mask, from the
+/// table's real size (an adopted table keeps the size it was created with;
+/// a new `conn_table_capacity` takes effect after a detach).
+fn init_conn_params(loaded: &mut Loaded) -> Result<(), DatapathError> {
+    let buckets = match loaded.ebpf.map(MAP_CONN_TABLE) {
+        Some(aya::maps::Map::Array(data)) => {
+            data.info().map_err(map_err(MAP_CONN_TABLE))?.max_entries()
+        }
+        _ => {
+            return Err(DatapathError::MissingMap {
+                name: MAP_CONN_TABLE,
+            });
+        }
+    };
+    let mut params: Array<_, ConnParams> = loaded.map_mut(MAP_CONN_PARAMS)?;
+    let mut p = params.get(&0, 0).map_err(map_err(MAP_CONN_PARAMS))?;
+    while p.secret == 0 {
+        let mut b = [0u8; 8];
+        std::io::Read::read_exact(
+            &mut std::fs::File::open("/dev/urandom").map_err(DatapathError::Random)?,
+            &mut b,
+        )
+        .map_err(DatapathError::Random)?;
+        p.secret = u64::from_ne_bytes(b);
+    }
+    // The largest power of two ≤ buckets (the loader only makes powers of
+    // two; this keeps any other size in bounds).
+    p.bucket_mask = (1u32 << buckets.max(1).ilog2()) - 1;
+    params.set(0, p, 0).map_err(map_err(MAP_CONN_PARAMS))
+}
 
 /// The directory of one layout version under the operator's pin dir.
 fn layout_dir(pin_dir: &Path) -> PathBuf {
@@ -212,7 +248,7 @@ impl Loaded {
         pin_dir: Option<&Path>,
     ) -> Result<Self, DatapathError> {
         let mut loader = EbpfLoader::new();
-        loader.map_max_entries(MAP_CONN_TABLE, conn_table_capacity);
+        loader.map_max_entries(MAP_CONN_TABLE, conn_buckets(conn_table_capacity));
         let mut adopted = false;
         let pins = match pin_dir {
             Some(dir) => {
@@ -412,7 +448,8 @@ impl Datapath {
             conn_table_capacity,
             pin_dir,
         } = opts;
-        let loaded = Loaded::load(PROG_LB, conn_table_capacity, pin_dir.as_deref())?;
+        let mut loaded = Loaded::load(PROG_LB, conn_table_capacity, pin_dir.as_deref())?;
+        init_conn_params(&mut loaded)?;
         let mut refs = std::collections::HashMap::new();
         let mut live = vec![0; MAX_VIPS as usize];
         if loaded.adopted {
