@@ -20,6 +20,7 @@ pub mod conn;
 pub mod flow;
 pub mod maps;
 pub mod stats;
+pub mod vip_index;
 
 pub use conn::{
     CONN_WAYS, ConnBucket, ConnParams, MAX_CONN_TABLE_CAPACITY, conn_bucket, conn_buckets,
@@ -31,3 +32,7 @@ pub use flow::{
 };
 pub use maps::*;
 pub use stats::*;
+pub use vip_index::{
+    VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VipSlot, vip_index_half, vip_index_home, vip_index_live,
+    vip_index_probe, vip_index_salt, vip_slot,
+};

@@ -8,11 +8,14 @@
 
 /// Version of the pinned map layout. A newer agent refuses to adopt pinned
 /// maps of another version instead of misreading them.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 // ---- map names (the static names in lb-ebpf) ----
-/// `HashMap<VipKey, VipMeta>`: the VIPs.
-pub const MAP_VIPS: &str = "VIPS";
+/// `Array<VipSlot, 2 × VIP_INDEX_SLOTS>` (memory-mappable): the VIPs, as
+/// two open-addressing tables, see [`crate::vip_index`].
+pub const MAP_VIP_INDEX: &str = "VIP_INDEX";
+/// `Array<u64, 1>`: which `VIP_INDEX` table is live, and its salt.
+pub const MAP_VIP_INDEX_LIVE: &str = "VIP_INDEX_LIVE";
 /// `ArrayOfMaps<Array<RingChunk, RING_CHUNKS>, MAX_RINGS>`: Maglev lookup
 /// tables (slot → backend id, 32 slots per element), two per VIP id (see
 /// [`ring_index`]).
@@ -61,7 +64,7 @@ pub const MAP_BENCH_COUNT: &str = "BENCH_COUNT";
 // ---- capacities ----
 /// VIP ids are `0..MAX_VIPS`.
 pub const MAX_VIPS: u32 = 256;
-/// Entries of the VIP hash: every VIP plus one fragment alias per
+/// VIP entries: every VIP plus one fragment alias per
 /// (address, protocol).
 pub const MAX_VIP_KEYS: u32 = MAX_VIPS * 2;
 /// Slots of the outer lookup-table map: two per VIP id. Userspace fills
@@ -126,9 +129,9 @@ const _: () = assert!(core::mem::size_of::<RingChunk>() == 64);
 /// copy instead of one syscall per slot.
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 
-/// Key of [`MAP_VIPS`].
+/// A VIP entry's key (see [`MAP_VIP_INDEX`]).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VipKey {
     /// Address in wire order (IPv4 in word 0).
     pub addr: [u32; 4],
@@ -149,7 +152,7 @@ pub const VIP_F_SRC_AFFINITY: u32 = 1 << 1;
 /// fragment sent to the address and protocol to the VIP it names.
 pub const VIP_F_FRAG_ALIAS: u32 = 1 << 2;
 
-/// Value of [`MAP_VIPS`].
+/// A VIP entry's value (see [`MAP_VIP_INDEX`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VipMeta {
@@ -232,4 +235,5 @@ mod pod {
     unsafe impl aya::Pod for super::GlobalConfig {}
     unsafe impl aya::Pod for super::TrafficCounters {}
     unsafe impl aya::Pod for crate::flow::FlowKey {}
+    unsafe impl aya::Pod for crate::vip_index::VipSlot {}
 }

@@ -6,12 +6,16 @@ use lb_common::{
     FAMILY_V4, FlowKey, GlobalConfig, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
     STAT_DROP_MALFORMED_L4, STAT_DROP_NO_CONFIG, STAT_ERR_ICMP_INNER, STAT_ERR_L4_TRUNC,
     STAT_FRAGMENT, STAT_ICMP_PTB, STAT_PASS_MALFORMED, STAT_PASS_NOT_VIP, VIP_F_FRAG_ALIAS,
-    VIP_F_IPIP, VipKey, VipMeta, vip_filter_bit,
+    VIP_F_IPIP, VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VipKey, VipMeta, vip_filter_bit, vip_index_half,
+    vip_index_home, vip_index_probe, vip_index_salt,
 };
 
 use crate::{
     forward,
-    maps::{BACKEND_STATS, CONFIG, VIP_FILTER, VIP_STATS, VIPS, count, count_traffic},
+    maps::{
+        BACKEND_STATS, CONFIG, VIP_FILTER, VIP_INDEX, VIP_INDEX_LIVE, VIP_STATS, count,
+        count_traffic,
+    },
     outcome::Outcome,
     parse::{
         ETH_P_IP, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, L2, L3, parse_ipv4, parse_ipv6, parse_l2, ptr_at,
@@ -107,6 +111,8 @@ fn config() -> Result<&'static GlobalConfig, Outcome> {
     CONFIG.get(0).ok_or(Outcome::drop(STAT_DROP_NO_CONFIG))
 }
 
+/// The VIP entry of (address, port, protocol), from the live table of the
+/// VIP index (inlined array reads; see `lb_common::vip_index`).
 #[inline(always)]
 fn find_vip(addr: &[u32; 4], port: u16, proto: u8, family: u8) -> Option<VipMeta> {
     let key = VipKey {
@@ -115,8 +121,19 @@ fn find_vip(addr: &[u32; 4], port: u16, proto: u8, family: u8) -> Option<VipMeta
         proto,
         family,
     };
-    // SAFETY: the value is copied out at once.
-    VIPS.get_ptr(&key).map(|p| unsafe { *p })
+    let live = *VIP_INDEX_LIVE.get(0)?;
+    let base = vip_index_half(live) * VIP_INDEX_SLOTS;
+    let home = vip_index_home(&key, vip_index_salt(live));
+    for i in 0..VIP_INDEX_PROBES {
+        let slot = VIP_INDEX.get(base + vip_index_probe(home, i))?;
+        if slot.key == key {
+            return Some(slot.meta);
+        }
+        if slot.key.family == 0 {
+            return None;
+        }
+    }
+    None
 }
 
 /// VIP traffic with a broken transport header is dropped; anything else

@@ -2,13 +2,13 @@
 //! `lb-common`; userspace finds them by the same names.
 
 use aya_ebpf::{
-    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, DevMapHash, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
     BPF_F_MMAPABLE, Backend, CONN_TABLE_CAPACITY, CONN_WAYS, ConnBucket, ConnParams,
-    DECAP_STAT_COUNT, GlobalConfig, MAX_BACKENDS, MAX_RINGS, MAX_TX_PORTS, MAX_VIP_KEYS, MAX_VIPS,
-    RING_CHUNKS, RingChunk, STAT_COUNT, TrafficCounters, VIP_FILTER_WORDS, VipKey, VipMeta,
+    DECAP_STAT_COUNT, GlobalConfig, MAX_BACKENDS, MAX_RINGS, MAX_TX_PORTS, MAX_VIPS, RING_CHUNKS,
+    RingChunk, STAT_COUNT, TrafficCounters, VIP_FILTER_WORDS, VIP_INDEX_SLOTS, VipSlot,
 };
 
 /// A VIP's lookup table: 32 slots per element (`u16` backend ids, see
@@ -17,8 +17,18 @@ use lb_common::{
 /// the idle one, then flips the VIP's [`RING_LIVE`] entry to it.
 pub type Ring = Array<RingChunk, { RING_CHUNKS as usize }, { BPF_F_MMAPABLE as usize }>;
 
+/// The VIPs: two open-addressing tables (see `lb_common::vip_index`);
+/// memory-mappable only so that every slot is one aligned cache line.
 #[btf_map]
-pub static VIPS: HashMap<VipKey, VipMeta, { MAX_VIP_KEYS as usize }> = HashMap::new();
+pub static VIP_INDEX: Array<
+    VipSlot,
+    { 2 * VIP_INDEX_SLOTS as usize },
+    { BPF_F_MMAPABLE as usize },
+> = Array::new();
+
+/// Which `VIP_INDEX` table is live, and its salt (one `u64`).
+#[btf_map]
+pub static VIP_INDEX_LIVE: Array<u64, 1> = Array::new();
 
 #[btf_map]
 pub static RINGS: ArrayOfMaps<Ring, { MAX_RINGS as usize }> = ArrayOfMaps::new();

@@ -16,19 +16,20 @@
 //! 4. the changed VIPs' `RING_LIVE` entries are flipped to the new tables
 //!    (one aligned 4-byte store each: a packet uses the old table or the
 //!    new one);
-//! 5. the VIP address filter admits the old and new addresses, then VIP
-//!    entries that are new or changed are written (one hash update each)
-//!    and those that left are deleted. **From here the change is live on
-//!    every CPU**;
+//! 5. the VIP address filter admits the old and new addresses; if any VIP
+//!    entry is new, changed or gone, a whole new VIP index table is written
+//!    (through `mmap`) into the idle half of `VIP_INDEX` and
+//!    `VIP_INDEX_LIVE` is switched to it (one aligned 8-byte store: a
+//!    packet sees the old VIP set or the new one). **From here the change
+//!    is live on every CPU**;
 //! 6. after an RCU grace period (no program still runs with an old table
 //!    or entry), backends that left are marked inactive, so their
 //!    connection entries miss, and the tables switched away from become
 //!    idle; the filter is narrowed to the new addresses.
 //!
-//! Table changes never rewrite VIP entries: the kernel may reuse a replaced
-//! hash element's memory for the next update, so a program that had just
-//! looked the old entry up could read a mix of two entries. VIP entries
-//! change only when a VIP's address, mode, hashing or table size does.
+//! Table changes never rewrite VIP entries: VIP entries change only when a
+//! VIP's address, mode, hashing or table size does. The VIP index half
+//! that was live is written again only after a grace period.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
@@ -39,9 +40,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{
-        Array, ArrayOfMaps, HashMap, MapData, MapError, PerCpuArray, PerCpuValues, xdp::DevMapHash,
-    },
+    maps::{Array, ArrayOfMaps, MapData, MapError, PerCpuArray, PerCpuValues, xdp::DevMapHash},
     programs::{
         ProgramError, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -53,9 +52,11 @@ use lb_common::{
     BACKEND_NONE, BPF_F_MMAPABLE, Backend, CONN_TABLE_CAPACITY, ConnParams, DECAP_STAT_COUNT,
     GlobalConfig, LAYOUT_VERSION, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_CONN_PARAMS,
     MAP_CONN_TABLE, MAP_DECAP_STATS, MAP_RING_LIVE, MAP_RINGS, MAP_STATS, MAP_TX_PORTS,
-    MAP_VIP_FILTER, MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, PROG_DECAP,
-    PROG_LB, RING_CHUNK_SLOTS, RING_CHUNKS, RING_SLOT_NONE, RingChunk, STAT_COUNT, TrafficCounters,
-    VipKey, VipMeta, conn_buckets, ring_index,
+    MAP_VIP_FILTER, MAP_VIP_INDEX, MAP_VIP_INDEX_LIVE, MAP_VIP_STATS, MAX_BACKENDS, MAX_RING_SIZE,
+    MAX_VIPS, PROG_DECAP, PROG_LB, RING_CHUNK_SLOTS, RING_CHUNKS, RING_SLOT_NONE, RingChunk,
+    STAT_COUNT, TrafficCounters, VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VipKey, VipMeta, VipSlot,
+    conn_buckets, ring_index, vip_index_half, vip_index_home, vip_index_live, vip_index_probe,
+    vip_index_salt, vip_slot,
 };
 
 use crate::plan::{MapPlan, PlannedBackend};
@@ -85,6 +86,10 @@ pub enum DatapathError {
     Cpus(std::io::Error),
     #[error("reading a random connection-table secret from /dev/urandom failed: {0}")]
     Random(std::io::Error),
+    #[error(
+        "no salt places all {0} VIP entries in the VIP index within the probe limit (a bug: the index is at most a quarter full)"
+    )]
+    VipIndex(usize),
     #[error("egress map: {0}")]
     TxPorts(aya::maps::xdp::XdpMapError),
     #[error(
@@ -130,8 +135,9 @@ impl Default for LoadOptions {
 
 /// Maps that carry state across restarts (all but the benchmark's and the
 /// decap program's).
-const PINNED_MAPS: [&str; 12] = [
-    MAP_VIPS,
+const PINNED_MAPS: [&str; 13] = [
+    MAP_VIP_INDEX,
+    MAP_VIP_INDEX_LIVE,
     MAP_RINGS,
     MAP_RING_LIVE,
     MAP_BACKENDS,
@@ -201,7 +207,7 @@ fn prepare_pins(pin_dir: &Path) -> Result<bool, DatapathError> {
             }
         }
     }
-    let existed = ours.join(MAP_VIPS).exists();
+    let existed = ours.join(MAP_VIP_INDEX).exists();
     std::fs::create_dir_all(&ours).map_err(io)?;
     Ok(existed)
 }
@@ -423,6 +429,14 @@ pub struct Datapath {
     /// The VIP id of each VIP entry in the kernel: read back at load, then
     /// kept in step with every write.
     refs: std::collections::HashMap<VipKey, u32>,
+    /// The VIP entries of the live VIP index table, as the kernel holds
+    /// them.
+    vip_entries: BTreeMap<VipKey, VipMeta>,
+    /// `VIP_INDEX_LIVE` as the kernel holds it.
+    vip_live: u64,
+    /// The VIP index was switched since the last grace period: programs
+    /// may still read its idle table, so it is not written yet.
+    vip_switched: bool,
     /// `RING_LIVE` as the kernel holds it (by VIP id).
     live: Vec<u32>,
     /// Tables (outer-map slots) that stopped being live since the last
@@ -452,11 +466,14 @@ impl Datapath {
         init_conn_params(&mut loaded)?;
         let mut refs = std::collections::HashMap::new();
         let mut live = vec![0; MAX_VIPS as usize];
+        let mut vip_live = 0;
+        let mut vip_entries = BTreeMap::new();
         if loaded.adopted {
-            let vips: HashMap<_, VipKey, VipMeta> = loaded.map(MAP_VIPS)?;
-            for entry in &vips {
-                let (k, v) = entry.map_err(map_err(MAP_VIPS))?;
-                refs.insert(k, v.vip_id);
+            let (word, slots) = read_vip_index(&loaded)?;
+            vip_live = word;
+            for slot in slots.into_iter().filter(|s| s.key.family != 0) {
+                refs.insert(slot.key, slot.meta.vip_id);
+                vip_entries.insert(slot.key, slot.meta);
             }
             let flags: Array<_, u32> = loaded.map(MAP_RING_LIVE)?;
             for (id, l) in live.iter_mut().enumerate() {
@@ -470,6 +487,9 @@ impl Datapath {
             loaded,
             applied: None,
             refs,
+            vip_entries,
+            vip_live,
+            vip_switched: false,
             live,
             retired: HashSet::new(),
         })
@@ -604,11 +624,16 @@ impl Datapath {
                 global.config_generation, plan.global.config_generation
             ));
         }
-        let vips: HashMap<_, VipKey, VipMeta> = self.map(MAP_VIPS)?;
+        let (word, slots) = read_vip_index(&self.loaded)?;
         let mut kernel_vips = std::collections::HashMap::new();
-        for entry in &vips {
-            let (k, v) = entry.map_err(map_err(MAP_VIPS))?;
-            kernel_vips.insert(k, v);
+        for slot in slots.iter().filter(|s| s.key.family != 0) {
+            kernel_vips.insert(slot.key, slot.meta);
+            if vip_index_find(&slots, vip_index_salt(word), &slot.key) != Some(slot.meta) {
+                diffs.push(format!(
+                    "VIP index: the entry of {:?} is not where the data path looks for it",
+                    slot.key
+                ));
+            }
         }
         let planned_vips: Vec<(String, VipKey, VipMeta)> = plan
             .vips
@@ -706,19 +731,20 @@ impl Datapath {
             .map(|v| v.key)
             .chain(plan.aliases.iter().map(|(k, _)| *k))
             .collect();
-        let mut vips: HashMap<_, VipKey, VipMeta> = self.loaded.map_mut(MAP_VIPS)?;
-        let keys: Vec<VipKey> = vips.keys().filter_map(Result::ok).collect();
+        let keys: Vec<VipKey> = self.vip_entries.keys().copied().collect();
         let mut removed = false;
         for k in keys {
             if !planned.contains(&k) {
-                vips.remove(&k).map_err(map_err(MAP_VIPS))?;
+                self.vip_entries.remove(&k);
                 unref(&mut self.refs, &self.live, &mut self.retired, &k);
                 removed = true;
             }
         }
         if removed {
+            self.publish_vips()?;
             wait_for_readers();
             self.retired.clear();
+            self.vip_switched = false;
         }
         let ids: BTreeSet<u32> = plan.backends.iter().map(|b| b.id).collect();
         let mut backends: Array<_, Backend> = self.map_mut(MAP_BACKENDS)?;
@@ -773,6 +799,7 @@ impl Datapath {
             // a table switched away from, runs after this.
             wait_for_readers();
             self.retired.clear();
+            self.vip_switched = false;
         }
         if !gone.is_empty() {
             let mut backends: Array<_, Backend> = self.map_mut(MAP_BACKENDS)?;
@@ -840,8 +867,8 @@ impl Datapath {
                     .collect()
             })
             .unwrap_or_default();
-        let mut vips: HashMap<_, VipKey, VipMeta> = self.loaded.map_mut(MAP_VIPS)?;
         let mut keys = HashSet::new();
+        let mut changed = false;
         for (key, meta) in plan
             .vips
             .iter()
@@ -852,7 +879,8 @@ impl Datapath {
             if before.get(&key) == Some(&meta) && self.refs.get(&key) == Some(&meta.vip_id) {
                 continue;
             }
-            vips.insert(key, meta, 0).map_err(map_err(MAP_VIPS))?;
+            self.vip_entries.insert(key, meta);
+            changed = true;
             if let Some(old) = self.refs.insert(key, meta.vip_id) {
                 retire_if_unused(&self.refs, &self.live, &mut self.retired, old);
             }
@@ -865,11 +893,35 @@ impl Datapath {
                 .chain(prev.aliases.iter().map(|a| a.0))
             {
                 if !keys.contains(&key) {
-                    vips.remove(&key).map_err(map_err(MAP_VIPS))?;
+                    self.vip_entries.remove(&key);
+                    changed = true;
                     unref(&mut self.refs, &self.live, &mut self.retired, &key);
                 }
             }
         }
+        if changed {
+            self.publish_vips()?;
+        }
+        Ok(())
+    }
+
+    /// Builds a VIP index table of `vip_entries`, writes it into the idle
+    /// table (after a grace period if the index was switched since the
+    /// last one) and switches `VIP_INDEX_LIVE` to it.
+    fn publish_vips(&mut self) -> Result<(), DatapathError> {
+        let (salt, table) = build_vip_index(&self.vip_entries)?;
+        if self.vip_switched {
+            wait_for_readers();
+            self.retired.clear();
+            self.vip_switched = false;
+        }
+        let idle = vip_index_half(self.vip_live) ^ 1;
+        write_vip_index(&self.loaded, idle, &table)?;
+        let word = vip_index_live(idle, salt);
+        let mut live: Array<_, u64> = self.map_mut(MAP_VIP_INDEX_LIVE)?;
+        live.set(0, word, 0).map_err(map_err(MAP_VIP_INDEX_LIVE))?;
+        self.vip_live = word;
+        self.vip_switched = true;
         Ok(())
     }
 
@@ -1137,6 +1189,122 @@ fn fill_ring(table: &MapData, ring: &[u32]) -> Result<(), DatapathError> {
     Ok(())
 }
 
+/// Builds one VIP index table holding `entries`: the first salt with which
+/// every key finds a free slot within `VIP_INDEX_PROBES` of its home.
+fn build_vip_index(
+    entries: &BTreeMap<VipKey, VipMeta>,
+) -> Result<(u32, Vec<VipSlot>), DatapathError> {
+    'salt: for salt in 1..=256u32 {
+        let mut table = vec![VipSlot::default(); VIP_INDEX_SLOTS as usize];
+        for (key, meta) in entries {
+            let home = vip_index_home(key, salt);
+            let free = (0..VIP_INDEX_PROBES)
+                .map(|i| vip_index_probe(home, i) as usize)
+                .find(|&s| table[s].key.family == 0);
+            match free {
+                Some(s) => table[s] = vip_slot(*key, *meta),
+                None => continue 'salt,
+            }
+        }
+        return Ok((salt, table));
+    }
+    Err(DatapathError::VipIndex(entries.len()))
+}
+
+/// What the data path finds for `key` in one VIP index table (the same
+/// probe sequence as `lb-ebpf`'s `find_vip`).
+fn vip_index_find(table: &[VipSlot], salt: u32, key: &VipKey) -> Option<VipMeta> {
+    let home = vip_index_home(key, salt);
+    for i in 0..VIP_INDEX_PROBES {
+        let slot = table.get(vip_index_probe(home, i) as usize)?;
+        if slot.key == *key {
+            return Some(slot.meta);
+        }
+        if slot.key.family == 0 {
+            return None;
+        }
+    }
+    None
+}
+
+/// Maps the whole `VIP_INDEX` (both tables) read-write; unmapped on drop.
+struct VipIndexMapping {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl VipIndexMapping {
+    fn new(loaded: &Loaded) -> Result<Self, DatapathError> {
+        let Some(aya::maps::Map::Array(data)) = loaded.ebpf.map(MAP_VIP_INDEX) else {
+            return Err(DatapathError::MissingMap {
+                name: MAP_VIP_INDEX,
+            });
+        };
+        let len = 2 * VIP_INDEX_SLOTS as usize * std::mem::size_of::<VipSlot>();
+        // SAFETY: mapping a BPF_F_MMAPABLE array of exactly `len` bytes (a
+        // whole number of pages) that we hold an fd of; unmapped on drop.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                data.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(DatapathError::Mmap(std::io::Error::last_os_error()));
+        }
+        Ok(Self { ptr, len })
+    }
+
+    /// Table `half` (0 or 1) as slots.
+    fn half(&self, half: u32) -> *mut VipSlot {
+        // SAFETY: the mapping holds 2 × VIP_INDEX_SLOTS slots, page-aligned.
+        unsafe {
+            self.ptr
+                .cast::<VipSlot>()
+                .add((half & 1) as usize * VIP_INDEX_SLOTS as usize)
+        }
+    }
+}
+
+impl Drop for VipIndexMapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are the mapping created in `new`.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
+
+/// The live `VIP_INDEX_LIVE` word and a copy of the live table.
+fn read_vip_index(loaded: &Loaded) -> Result<(u64, Vec<VipSlot>), DatapathError> {
+    let live: Array<_, u64> = loaded.map(MAP_VIP_INDEX_LIVE)?;
+    let word = live.get(&0, 0).map_err(map_err(MAP_VIP_INDEX_LIVE))?;
+    let mapping = VipIndexMapping::new(loaded)?;
+    let mut slots = vec![VipSlot::default(); VIP_INDEX_SLOTS as usize];
+    // SAFETY: one table of VIP_INDEX_SLOTS slots inside the mapping; the
+    // destination is a separate allocation of the same length.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            mapping.half(vip_index_half(word)),
+            slots.as_mut_ptr(),
+            slots.len(),
+        );
+    }
+    Ok((word, slots))
+}
+
+/// Writes `table` into VIP index table `half` (which no program reads).
+fn write_vip_index(loaded: &Loaded, half: u32, table: &[VipSlot]) -> Result<(), DatapathError> {
+    assert_eq!(table.len(), VIP_INDEX_SLOTS as usize);
+    let mapping = VipIndexMapping::new(loaded)?;
+    // SAFETY: one table of VIP_INDEX_SLOTS slots inside the mapping; the
+    // source is a separate allocation of the same length.
+    unsafe { std::ptr::copy_nonoverlapping(table.as_ptr(), mapping.half(half), table.len()) };
+    Ok(())
+}
+
 /// Forgets the kernel VIP entry `key` (deleted); see [`retire_if_unused`].
 fn unref(
     refs: &mut std::collections::HashMap<VipKey, u32>,
@@ -1265,5 +1433,54 @@ impl Decap {
                     .sum())
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_common::MAX_VIP_KEYS;
+
+    use super::*;
+
+    fn key(i: u32) -> VipKey {
+        VipKey {
+            addr: [0x0000_12c6 | (i << 16), 0, 0, 0],
+            port: (80 + (i % 3) as u16).to_be(),
+            proto: if i.is_multiple_of(2) { 6 } else { 17 },
+            family: 4,
+        }
+    }
+
+    /// A full VIP index (every VIP and every fragment alias) places every
+    /// key where the data path's probe sequence finds it, and finds nothing
+    /// for other keys.
+    #[test]
+    fn vip_index_holds_the_maximum_and_finds_every_key() {
+        let entries: BTreeMap<VipKey, VipMeta> = (0..MAX_VIP_KEYS)
+            .map(|i| {
+                (
+                    key(i),
+                    VipMeta {
+                        vip_id: i % MAX_VIPS,
+                        ring_size: 1009,
+                        flags: i,
+                        _pad: 0,
+                    },
+                )
+            })
+            .collect();
+        let (salt, table) = build_vip_index(&entries).expect("build");
+        assert_eq!(
+            table.iter().filter(|s| s.key.family != 0).count(),
+            entries.len()
+        );
+        for (k, m) in &entries {
+            assert_eq!(vip_index_find(&table, salt, k), Some(*m), "{k:?}");
+        }
+        for i in MAX_VIP_KEYS..MAX_VIP_KEYS + 1000 {
+            assert_eq!(vip_index_find(&table, salt, &key(i)), None);
+        }
+        let (_, empty) = build_vip_index(&BTreeMap::new()).expect("empty");
+        assert!(empty.iter().all(|s| s.key.family == 0));
     }
 }

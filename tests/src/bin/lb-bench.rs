@@ -389,16 +389,17 @@ fn main() {
     let _ = writeln!(
         md,
         "\nWhat dominates (differences of medians): parse + VIP address filter ≈ {:.0} ns (non-VIP − floor); \
-         VIP lookup + connection-table hit + counters + MAC rewrite ≈ {:.0} ns (established − non-VIP); \
-         connection-table miss + flow hash + Maglev slot ≈ {:.0} ns (ICMP unknown flow − established); \
-         connection-table insert ≈ {:.0} ns (new flow − ICMP unknown flow). The insert and the ring slot are \
-         random accesses into large vmalloc'd maps (connection table {} entries, 128 KiB per ring); on this VM \
-         their cost grows with the map size (see the bench's --conn-capacity and --table-size options).",
+         VIP index lookup + connection-table hit + counters + MAC rewrite ≈ {:.0} ns (established − non-VIP); \
+         connection-table miss + flow hash finish + Maglev slot ≈ {:.0} ns (ICMP unknown flow − established); \
+         connection-table insert ≈ {:.0} ns (new flow − ICMP unknown flow: stores into the bucket line the miss \
+         already loaded). The miss is one random access into the connection table ({} flows, {} KiB of \
+         64-byte buckets); on this VM its cost grows with the table size (compare --conn-capacity 8192).",
         m(6) - m(0),
         m(2) - m(6),
         m(7) - m(2),
         m(1) - m(7),
         args.conn_capacity,
+        u64::from(lb_common::conn_buckets(args.conn_capacity)) * 64 / 1024,
     );
     let _ = writeln!(
         md,
