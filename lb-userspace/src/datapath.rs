@@ -426,11 +426,8 @@ impl Loaded {
 pub struct Datapath {
     loaded: Loaded,
     applied: Option<MapPlan>,
-    /// The VIP id of each VIP entry in the kernel: read back at load, then
-    /// kept in step with every write.
-    refs: std::collections::HashMap<VipKey, u32>,
     /// The VIP entries of the live VIP index table, as the kernel holds
-    /// them.
+    /// them: read back at load, then kept in step with every write.
     vip_entries: BTreeMap<VipKey, VipMeta>,
     /// `VIP_INDEX_LIVE` as the kernel holds it.
     vip_live: u64,
@@ -464,7 +461,6 @@ impl Datapath {
         } = opts;
         let mut loaded = Loaded::load(PROG_LB, conn_table_capacity, pin_dir.as_deref())?;
         init_conn_params(&mut loaded)?;
-        let mut refs = std::collections::HashMap::new();
         let mut live = vec![0; MAX_VIPS as usize];
         let mut vip_live = 0;
         let mut vip_entries = BTreeMap::new();
@@ -472,7 +468,6 @@ impl Datapath {
             let (word, slots) = read_vip_index(&loaded)?;
             vip_live = word;
             for slot in slots.into_iter().filter(|s| s.key.family != 0) {
-                refs.insert(slot.key, slot.meta.vip_id);
                 vip_entries.insert(slot.key, slot.meta);
             }
             let flags: Array<_, u32> = loaded.map(MAP_RING_LIVE)?;
@@ -486,7 +481,6 @@ impl Datapath {
         Ok(Self {
             loaded,
             applied: None,
-            refs,
             vip_entries,
             vip_live,
             vip_switched: false,
@@ -735,16 +729,12 @@ impl Datapath {
         let mut removed = false;
         for k in keys {
             if !planned.contains(&k) {
-                self.vip_entries.remove(&k);
-                unref(&mut self.refs, &self.live, &mut self.retired, &k);
-                removed = true;
+                removed |= unref(&mut self.vip_entries, &self.live, &mut self.retired, &k);
             }
         }
         if removed {
             self.publish_vips()?;
-            wait_for_readers();
-            self.retired.clear();
-            self.vip_switched = false;
+            self.grace_period();
         }
         let ids: BTreeSet<u32> = plan.backends.iter().map(|b| b.id).collect();
         let mut backends: Array<_, Backend> = self.map_mut(MAP_BACKENDS)?;
@@ -797,9 +787,7 @@ impl Datapath {
         if !gone.is_empty() || !self.retired.is_empty() {
             // No program that could still pick a departed backend, or read
             // a table switched away from, runs after this.
-            wait_for_readers();
-            self.retired.clear();
-            self.vip_switched = false;
+            self.grace_period();
         }
         if !gone.is_empty() {
             let mut backends: Array<_, Backend> = self.map_mut(MAP_BACKENDS)?;
@@ -858,15 +846,6 @@ impl Datapath {
         plan: &MapPlan,
         prev: Option<&MapPlan>,
     ) -> Result<(), DatapathError> {
-        let before: std::collections::HashMap<VipKey, VipMeta> = prev
-            .map(|p| {
-                p.vips
-                    .iter()
-                    .map(|v| (v.key, v.meta))
-                    .chain(p.aliases.iter().copied())
-                    .collect()
-            })
-            .unwrap_or_default();
         let mut keys = HashSet::new();
         let mut changed = false;
         for (key, meta) in plan
@@ -876,13 +855,12 @@ impl Datapath {
             .chain(plan.aliases.iter().copied())
         {
             keys.insert(key);
-            if before.get(&key) == Some(&meta) && self.refs.get(&key) == Some(&meta.vip_id) {
+            if self.vip_entries.get(&key) == Some(&meta) {
                 continue;
             }
-            self.vip_entries.insert(key, meta);
             changed = true;
-            if let Some(old) = self.refs.insert(key, meta.vip_id) {
-                retire_if_unused(&self.refs, &self.live, &mut self.retired, old);
+            if let Some(old) = self.vip_entries.insert(key, meta) {
+                retire_if_unused(&self.vip_entries, &self.live, &mut self.retired, old.vip_id);
             }
         }
         if let Some(prev) = prev {
@@ -893,9 +871,7 @@ impl Datapath {
                 .chain(prev.aliases.iter().map(|a| a.0))
             {
                 if !keys.contains(&key) {
-                    self.vip_entries.remove(&key);
-                    changed = true;
-                    unref(&mut self.refs, &self.live, &mut self.retired, &key);
+                    changed |= unref(&mut self.vip_entries, &self.live, &mut self.retired, &key);
                 }
             }
         }
@@ -905,15 +881,22 @@ impl Datapath {
         Ok(())
     }
 
+    /// Waits for an RCU grace period: afterwards no program still reads a
+    /// table switched away from, the idle VIP index half, or a departed
+    /// backend's entry.
+    fn grace_period(&mut self) {
+        wait_for_readers();
+        self.retired.clear();
+        self.vip_switched = false;
+    }
+
     /// Builds a VIP index table of `vip_entries`, writes it into the idle
     /// table (after a grace period if the index was switched since the
     /// last one) and switches `VIP_INDEX_LIVE` to it.
     fn publish_vips(&mut self) -> Result<(), DatapathError> {
         let (salt, table) = build_vip_index(&self.vip_entries)?;
         if self.vip_switched {
-            wait_for_readers();
-            self.retired.clear();
-            self.vip_switched = false;
+            self.grace_period();
         }
         let idle = vip_index_half(self.vip_live) ^ 1;
         write_vip_index(&self.loaded, idle, &table)?;
@@ -941,7 +924,7 @@ impl Datapath {
                     .collect()
             })
             .unwrap_or_default();
-        let in_kernel: HashSet<u32> = self.refs.values().copied().collect();
+        let in_kernel: HashSet<u32> = self.vip_entries.values().map(|m| m.vip_id).collect();
         let mut flips = Vec::new();
         // Tables to put into the outer map: one batched update, and one
         // grace period, for all of them.
@@ -1156,23 +1139,7 @@ fn new_ring(ring: &[u32]) -> Result<MapData, DatapathError> {
 /// `lb_common::RING_CHUNK_SLOTS`); slots past `ring.len()` get
 /// `RING_SLOT_NONE`. Only for a table no program reads.
 fn fill_ring(table: &MapData, ring: &[u32]) -> Result<(), DatapathError> {
-    let len = ring_map_len();
-    let fd = table.fd().as_fd().as_raw_fd();
-    // SAFETY: mapping a BPF_F_MMAPABLE array of `len` bytes (rounded to
-    // pages) that we hold an fd of; unmapped below.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd,
-            0,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        return Err(DatapathError::Mmap(std::io::Error::last_os_error()));
-    }
+    let mapping = ArrayMapping::new(table, ring_map_len())?;
     // The mapping is page-aligned: viewing it as u16 slots is aligned, and
     // element `c`'s slots are u16 entries `32c .. 32c + 32`, so slot `s` is
     // entry `s` of the mapping.
@@ -1180,12 +1147,11 @@ fn fill_ring(table: &MapData, ring: &[u32]) -> Result<(), DatapathError> {
     let table: Vec<u16> = (0..slots)
         .map(|s| ring.get(s).map_or(RING_SLOT_NONE, |&id| slot_of(id)))
         .collect();
-    // SAFETY: `slots * 2` bytes ≤ len; the source is a separate allocation.
+    // SAFETY: `slots * 2` bytes ≤ the mapping's length; the source is a
+    // separate allocation.
     unsafe {
-        std::ptr::copy_nonoverlapping(table.as_ptr(), ptr.cast::<u16>(), slots);
+        std::ptr::copy_nonoverlapping(table.as_ptr(), mapping.ptr.cast::<u16>(), slots);
     }
-    // SAFETY: ptr/len are the mapping created above.
-    unsafe { libc::munmap(ptr, len) };
     Ok(())
 }
 
@@ -1227,29 +1193,25 @@ fn vip_index_find(table: &[VipSlot], salt: u32, key: &VipKey) -> Option<VipMeta>
     None
 }
 
-/// Maps the whole `VIP_INDEX` (both tables) read-write; unmapped on drop.
-struct VipIndexMapping {
+/// A read-write mapping of a `BPF_F_MMAPABLE` array map; unmapped on drop.
+struct ArrayMapping {
     ptr: *mut libc::c_void,
     len: usize,
 }
 
-impl VipIndexMapping {
-    fn new(loaded: &Loaded) -> Result<Self, DatapathError> {
-        let Some(aya::maps::Map::Array(data)) = loaded.ebpf.map(MAP_VIP_INDEX) else {
-            return Err(DatapathError::MissingMap {
-                name: MAP_VIP_INDEX,
-            });
-        };
-        let len = 2 * VIP_INDEX_SLOTS as usize * std::mem::size_of::<VipSlot>();
-        // SAFETY: mapping a BPF_F_MMAPABLE array of exactly `len` bytes (a
-        // whole number of pages) that we hold an fd of; unmapped on drop.
+impl ArrayMapping {
+    /// Maps the first `len` bytes (a whole number of pages, at most the
+    /// map's size) of `map`.
+    fn new(map: &MapData, len: usize) -> Result<Self, DatapathError> {
+        // SAFETY: mapping a BPF_F_MMAPABLE array that we hold an fd of;
+        // unmapped on drop.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
-                data.fd().as_fd().as_raw_fd(),
+                map.fd().as_fd().as_raw_fd(),
                 0,
             )
         };
@@ -1258,22 +1220,37 @@ impl VipIndexMapping {
         }
         Ok(Self { ptr, len })
     }
-
-    /// Table `half` (0 or 1) as slots.
-    fn half(&self, half: u32) -> *mut VipSlot {
-        // SAFETY: the mapping holds 2 × VIP_INDEX_SLOTS slots, page-aligned.
-        unsafe {
-            self.ptr
-                .cast::<VipSlot>()
-                .add((half & 1) as usize * VIP_INDEX_SLOTS as usize)
-        }
-    }
 }
 
-impl Drop for VipIndexMapping {
+impl Drop for ArrayMapping {
     fn drop(&mut self) {
         // SAFETY: ptr/len are the mapping created in `new`.
         unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
+
+/// Maps the whole `VIP_INDEX` (both tables).
+fn map_vip_index(loaded: &Loaded) -> Result<ArrayMapping, DatapathError> {
+    let Some(aya::maps::Map::Array(data)) = loaded.ebpf.map(MAP_VIP_INDEX) else {
+        return Err(DatapathError::MissingMap {
+            name: MAP_VIP_INDEX,
+        });
+    };
+    // Exactly the map's size: 2 tables of 64-byte slots, whole pages.
+    ArrayMapping::new(
+        data,
+        2 * VIP_INDEX_SLOTS as usize * std::mem::size_of::<VipSlot>(),
+    )
+}
+
+/// Table `half` (0 or 1) of a `VIP_INDEX` mapping, as slots.
+fn vip_index_table(mapping: &ArrayMapping, half: u32) -> *mut VipSlot {
+    // SAFETY: the mapping holds 2 × VIP_INDEX_SLOTS slots, page-aligned.
+    unsafe {
+        mapping
+            .ptr
+            .cast::<VipSlot>()
+            .add((half & 1) as usize * VIP_INDEX_SLOTS as usize)
     }
 }
 
@@ -1281,13 +1258,13 @@ impl Drop for VipIndexMapping {
 fn read_vip_index(loaded: &Loaded) -> Result<(u64, Vec<VipSlot>), DatapathError> {
     let live: Array<_, u64> = loaded.map(MAP_VIP_INDEX_LIVE)?;
     let word = live.get(&0, 0).map_err(map_err(MAP_VIP_INDEX_LIVE))?;
-    let mapping = VipIndexMapping::new(loaded)?;
+    let mapping = map_vip_index(loaded)?;
     let mut slots = vec![VipSlot::default(); VIP_INDEX_SLOTS as usize];
     // SAFETY: one table of VIP_INDEX_SLOTS slots inside the mapping; the
     // destination is a separate allocation of the same length.
     unsafe {
         std::ptr::copy_nonoverlapping(
-            mapping.half(vip_index_half(word)),
+            vip_index_table(&mapping, vip_index_half(word)),
             slots.as_mut_ptr(),
             slots.len(),
         );
@@ -1298,34 +1275,39 @@ fn read_vip_index(loaded: &Loaded) -> Result<(u64, Vec<VipSlot>), DatapathError>
 /// Writes `table` into VIP index table `half` (which no program reads).
 fn write_vip_index(loaded: &Loaded, half: u32, table: &[VipSlot]) -> Result<(), DatapathError> {
     assert_eq!(table.len(), VIP_INDEX_SLOTS as usize);
-    let mapping = VipIndexMapping::new(loaded)?;
+    let mapping = map_vip_index(loaded)?;
     // SAFETY: one table of VIP_INDEX_SLOTS slots inside the mapping; the
     // source is a separate allocation of the same length.
-    unsafe { std::ptr::copy_nonoverlapping(table.as_ptr(), mapping.half(half), table.len()) };
+    unsafe {
+        std::ptr::copy_nonoverlapping(table.as_ptr(), vip_index_table(&mapping, half), table.len());
+    }
     Ok(())
 }
 
 /// Forgets the kernel VIP entry `key` (deleted); see [`retire_if_unused`].
+/// Returns whether there was one.
 fn unref(
-    refs: &mut std::collections::HashMap<VipKey, u32>,
+    entries: &mut BTreeMap<VipKey, VipMeta>,
     live: &[u32],
     retired: &mut HashSet<u32>,
     key: &VipKey,
-) {
-    if let Some(old) = refs.remove(key) {
-        retire_if_unused(refs, live, retired, old);
-    }
+) -> bool {
+    let Some(old) = entries.remove(key) else {
+        return false;
+    };
+    retire_if_unused(entries, live, retired, old.vip_id);
+    true
 }
 
 /// Retires VIP id `vip_id`'s live table once no kernel VIP entry has that
 /// id any more (a program that looked the entry up may still read it).
 fn retire_if_unused(
-    refs: &std::collections::HashMap<VipKey, u32>,
+    entries: &BTreeMap<VipKey, VipMeta>,
     live: &[u32],
     retired: &mut HashSet<u32>,
     vip_id: u32,
 ) {
-    if !refs.values().any(|v| *v == vip_id) {
+    if !entries.values().any(|m| m.vip_id == vip_id) {
         retired.insert(ring_index(vip_id, live[vip_id as usize]));
     }
 }
