@@ -82,45 +82,31 @@ struct Slot {
 }
 
 impl Slot {
-    /// Finds the bucket of the flow whose [`flow_mix`] state is `mix` and
-    /// reads its first way; `scan` then looks for the flow's tag. `None`
-    /// only if the table is missing (a loader fault; the flow is then not
-    /// pinned).
+    /// Finds the bucket of the flow whose [`flow_mix`] state is `mix` and, in
+    /// it, the way holding the flow's tag. `None` only if the table is
+    /// missing (a loader fault; the flow is then not pinned).
     #[inline(always)]
-    fn locate(mix: u64) -> Option<Self> {
+    fn find(mix: u64) -> Option<Self> {
         let params = CONN_PARAMS.get(0)?;
         let hash = conn_hash(mix, params.secret);
         let bucket = CONN_TABLE.get_ptr_mut(conn_bucket(hash, params.bucket_mask))?;
-        // SAFETY: `bucket` points at a map value of CONN_WAYS u64s; a way is
-        // read whole (one aligned 8-byte load).
-        let first = unsafe { read_volatile(&raw const (*bucket)[0]) };
-        Some(Self {
+        let mut slot = Self {
             bucket,
             tag: conn_tag(hash),
             way: CONN_WAYS,
-            value: first,
-        })
-    }
-
-    /// Finds the way holding the flow's tag (`way`, `value`).
-    #[inline(always)]
-    fn scan(&mut self) {
-        let first = self.value;
-        self.value = 0;
-        if way_tag(first) == self.tag {
-            self.way = 0;
-            self.value = first;
-            return;
-        }
-        for i in 1..CONN_WAYS {
-            // SAFETY: as in `locate`.
-            let w = unsafe { read_volatile(&raw const (*self.bucket)[i]) };
-            if way_tag(w) == self.tag {
-                self.way = i;
-                self.value = w;
-                return;
+            value: 0,
+        };
+        for i in 0..CONN_WAYS {
+            // SAFETY: `bucket` points at a map value of CONN_WAYS u64s; a
+            // way is read whole (one aligned 8-byte load).
+            let w = unsafe { read_volatile(&raw const (*bucket)[i]) };
+            if way_tag(w) == slot.tag {
+                slot.way = i;
+                slot.value = w;
+                break;
             }
         }
+        Some(slot)
     }
 
     /// Puts `value` in the bucket's first way, moving the ways in front of
@@ -183,11 +169,10 @@ fn from_slot(slot: &Slot, meta: &VipMeta) -> Option<Chosen> {
 #[inline(always)]
 pub fn for_flow(meta: &VipMeta, key: &FlowKey, seed: u32, syn: bool) -> Result<Chosen, Outcome> {
     let mix = flow_mix(key, seed);
-    let Some(mut slot) = Slot::locate(mix) else {
+    let Some(slot) = Slot::find(mix) else {
         count(STAT_CONN_INSERT_FAIL);
         return from_ring_mixed(meta, key, seed, mix);
     };
-    slot.scan();
     if !syn && let Some(chosen) = from_slot(&slot, meta) {
         if slot.way != 0 {
             slot.put_front(slot.value);
@@ -205,10 +190,7 @@ pub fn for_flow(meta: &VipMeta, key: &FlowKey, seed: u32, syn: bool) -> Result<C
 #[inline(always)]
 pub fn lookup_only(meta: &VipMeta, key: &FlowKey, seed: u32) -> Result<Chosen, Outcome> {
     let mix = flow_mix(key, seed);
-    let found = Slot::locate(mix).and_then(|mut slot| {
-        slot.scan();
-        from_slot(&slot, meta)
-    });
+    let found = Slot::find(mix).and_then(|slot| from_slot(&slot, meta));
     match found {
         Some(chosen) => Ok(chosen),
         None => from_ring_mixed(meta, key, seed, mix),
