@@ -77,6 +77,20 @@ impl FlowKey {
         }
     }
 
+    /// The key as the five 64-bit words [`flow_mix`] absorbs.
+    #[inline(always)]
+    #[must_use]
+    pub const fn packed(&self) -> FlowWords {
+        let w = self.words();
+        FlowWords([
+            (w[0] as u64) | ((w[1] as u64) << 32),
+            (w[2] as u64) | ((w[3] as u64) << 32),
+            (w[4] as u64) | ((w[5] as u64) << 32),
+            (w[6] as u64) | ((w[7] as u64) << 32),
+            (w[8] as u64) | ((w[9] as u64) << 32),
+        ])
+    }
+
     /// The ten words [`flow_hash`] mixes, in a fixed order.
     #[inline(always)]
     #[must_use]
@@ -93,6 +107,80 @@ impl FlowKey {
             (self.src_port as u32) | ((self.dst_port as u32) << 16),
             (self.proto as u32) | ((self.family as u32) << 8),
         ]
+    }
+}
+
+/// A [`FlowKey`] packed into the five 64-bit words the hash absorbs:
+/// source address, destination address (two words each, as
+/// [`crate::addr_words`]), then `src_port | dst_port << 16 | proto << 32 |
+/// family << 40`. This is how the data path holds a flow: every field is
+/// stored and read as whole 64-bit words, never assembled from narrower
+/// stores (which would stall the CPU's store-to-load forwarding).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowWords(pub [u64; 5]);
+
+impl FlowWords {
+    /// A flow from its addresses (as [`crate::addr_words`]), its ports as
+    /// they lie in the transport header (`src_port | dst_port << 16`, wire
+    /// order), protocol and family.
+    #[inline(always)]
+    #[must_use]
+    pub const fn new(src: [u64; 2], dst: [u64; 2], ports: u32, proto: u8, family: u8) -> Self {
+        Self([
+            src[0],
+            src[1],
+            dst[0],
+            dst[1],
+            (ports as u64) | ((proto as u64) << 32) | ((family as u64) << 40),
+        ])
+    }
+
+    /// [`FlowKey::affinity`] of the packed key.
+    #[inline(always)]
+    #[must_use]
+    pub const fn affinity(&self) -> Self {
+        Self([self.0[0], self.0[1], 0, 0, self.0[4] & (0xff << 40)])
+    }
+
+    /// [`FlowKey::without_ports`] of the packed key.
+    #[inline(always)]
+    #[must_use]
+    pub const fn without_ports(&self) -> Self {
+        Self([
+            self.0[0],
+            self.0[1],
+            self.0[2],
+            self.0[3],
+            self.0[4] & !0xffff_ffff,
+        ])
+    }
+
+    /// Destination address words.
+    #[inline(always)]
+    #[must_use]
+    pub const fn dst(&self) -> [u64; 2] {
+        [self.0[2], self.0[3]]
+    }
+
+    /// Destination port (wire order).
+    #[inline(always)]
+    #[must_use]
+    pub const fn dst_port(&self) -> u16 {
+        (self.0[4] >> 16) as u16
+    }
+
+    /// IANA protocol number.
+    #[inline(always)]
+    #[must_use]
+    pub const fn proto(&self) -> u8 {
+        (self.0[4] >> 32) as u8
+    }
+
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    #[inline(always)]
+    #[must_use]
+    pub const fn family(&self) -> u8 {
+        (self.0[4] >> 40) as u8
     }
 }
 
@@ -128,13 +216,20 @@ pub const fn fmix64(mut h: u64) -> u64 {
 #[inline(always)]
 #[must_use]
 pub const fn flow_mix(key: &FlowKey, seed: u32) -> u64 {
-    let w = key.words();
+    flow_mix_words(&key.packed(), seed)
+}
+
+/// [`flow_mix`] of a packed key.
+#[inline(always)]
+#[must_use]
+pub const fn flow_mix_words(key: &FlowWords, seed: u32) -> u64 {
+    let w = &key.0;
     let mut h = K_START ^ seed as u64;
-    h = absorb(h, (w[0] as u64) | ((w[1] as u64) << 32));
-    h = absorb(h, (w[2] as u64) | ((w[3] as u64) << 32));
-    h = absorb(h, (w[4] as u64) | ((w[5] as u64) << 32));
-    h = absorb(h, (w[6] as u64) | ((w[7] as u64) << 32));
-    absorb(h, (w[8] as u64) | ((w[9] as u64) << 32))
+    h = absorb(h, w[0]);
+    h = absorb(h, w[1]);
+    h = absorb(h, w[2]);
+    h = absorb(h, w[3]);
+    absorb(h, w[4])
 }
 
 /// The flow hash of a [`flow_mix`] state.
@@ -152,6 +247,13 @@ pub const fn flow_hash_of_mix(mix: u64) -> u32 {
 #[must_use]
 pub const fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
     flow_hash_of_mix(flow_mix(key, seed))
+}
+
+/// [`flow_hash`] of a packed key.
+#[inline(always)]
+#[must_use]
+pub const fn flow_hash_words(key: &FlowWords, seed: u32) -> u32 {
+    flow_hash_of_mix(flow_mix_words(key, seed))
 }
 
 /// The lookup-table slot a hash selects in a table of `ring_size` slots.
@@ -309,6 +411,39 @@ mod tests {
         assert_eq!(flow_hash(&key_v6(), 0), 0x1164_aa91);
         assert_eq!(flow_hash(&key_v6(), 0xdead_beef), 0x45d9_75a2);
         assert_eq!(H, 0x944b_a7e1);
+    }
+
+    /// The packed form the data path hashes is the same key: same hash,
+    /// and its affinity / fragment forms match the key's.
+    #[test]
+    fn packed_key_hashes_alike() {
+        use super::{FlowWords, flow_hash_words};
+        use crate::addr_words;
+        let mut rng = SplitMix64(0x5eed);
+        for i in 0..2000 {
+            let mut k = rng.key();
+            if i % 2 == 0 {
+                k.family = FAMILY_V4;
+                k.src = [k.src[0], 0, 0, 0];
+                k.dst = [k.dst[0], 0, 0, 0];
+            }
+            let ports = u32::from(k.src_port) | (u32::from(k.dst_port) << 16);
+            let p = FlowWords::new(
+                addr_words(&k.src),
+                addr_words(&k.dst),
+                ports,
+                k.proto,
+                k.family,
+            );
+            assert_eq!(p, k.packed());
+            assert_eq!(flow_hash_words(&p, i), flow_hash(&k, i));
+            assert_eq!(p.affinity(), k.affinity().packed());
+            assert_eq!(p.without_ports(), k.without_ports().packed());
+            assert_eq!(p.dst(), addr_words(&k.dst));
+            assert_eq!(p.dst_port(), k.dst_port);
+            assert_eq!(p.proto(), k.proto);
+            assert_eq!(p.family(), k.family);
+        }
     }
 
     #[test]

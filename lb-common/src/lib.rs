@@ -27,12 +27,12 @@ pub use conn::{
     conn_hash, conn_tag, conn_way, way_backend, way_generation_matches, way_tag,
 };
 pub use flow::{
-    FAMILY_V4, FAMILY_V6, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, flow_hash,
-    flow_hash_of_mix, flow_mix, fmix64, ring_slot,
+    FAMILY_V4, FAMILY_V6, FlowKey, FlowWords, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+    flow_hash, flow_hash_of_mix, flow_hash_words, flow_mix, flow_mix_words, fmix64, ring_slot,
 };
 pub use maps::*;
 pub use stats::*;
 pub use vip_index::{
-    VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VipSlot, vip_index_half, vip_index_home, vip_index_live,
-    vip_index_probe, vip_index_salt, vip_slot,
+    VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VipSlot, vip_index_half, vip_index_home, vip_index_home_of,
+    vip_index_live, vip_index_probe, vip_index_salt, vip_slot,
 };

@@ -98,10 +98,32 @@ pub const VIP_FILTER_WORDS: u32 = 64;
 #[inline(always)]
 #[must_use]
 pub const fn vip_filter_bit(addr: &[u32; 4]) -> (u32, u64) {
-    let x = addr[0] ^ addr[1] ^ addr[2] ^ addr[3];
+    vip_filter_bit_of_words(&addr_words(addr))
+}
+
+/// [`vip_filter_bit`] of an address given as [`addr_words`].
+#[inline(always)]
+#[must_use]
+pub const fn vip_filter_bit_of_words(words: &[u64; 2]) -> (u32, u64) {
+    let w = words[0] ^ words[1];
+    let x = (w as u32) ^ ((w >> 32) as u32);
     // Multiplicative hashing: the top 12 bits of x·φ.
     let h = x.wrapping_mul(0x9e37_79b9) >> 20;
     (h >> 6, 1u64 << (h & 63))
+}
+
+/// An address (wire-order `u32` words, IPv4 in word 0) as two `u64`s:
+/// word `2i` in the low half of `u64` `i`. On a little-endian machine this
+/// is the same memory as the `u32` words. The data path keeps addresses in
+/// this form: it stores and loads them whole, where 32-bit stores read back
+/// as one 64-bit load stall the CPU (no store-to-load forwarding).
+#[inline(always)]
+#[must_use]
+pub const fn addr_words(addr: &[u32; 4]) -> [u64; 2] {
+    [
+        (addr[0] as u64) | ((addr[1] as u64) << 32),
+        (addr[2] as u64) | ((addr[3] as u64) << 32),
+    ]
 }
 
 /// Capacity of the egress-interface map.

@@ -14,7 +14,7 @@
 //! of VIPs or the new one, never a slot being written. The half that was
 //! live is written again only after an RCU grace period.
 
-use crate::maps::{MAX_VIP_KEYS, VipKey, VipMeta};
+use crate::maps::{MAX_VIP_KEYS, VipKey, VipMeta, addr_words};
 
 /// Slots of one table: a power of two, four times [`MAX_VIP_KEYS`].
 pub const VIP_INDEX_SLOTS: u32 = 4 * MAX_VIP_KEYS;
@@ -61,10 +61,35 @@ pub const fn vip_index_salt(live: u64) -> u32 {
 #[inline(always)]
 #[must_use]
 pub const fn vip_index_home(key: &VipKey, salt: u32) -> u32 {
-    let a = key.addr;
-    let addr = a[0] ^ a[1].rotate_left(8) ^ a[2].rotate_left(16) ^ a[3].rotate_left(24);
-    let rest = (key.port as u32) | ((key.proto as u32) << 16) | ((key.family as u32) << 24);
-    let x = (addr as u64) | ((rest as u64) << 32);
+    vip_index_home_of(
+        &addr_words(&key.addr),
+        key.port,
+        key.proto,
+        key.family,
+        salt,
+    )
+}
+
+/// [`vip_index_home`] of a key given by its fields, the address as
+/// [`addr_words`] (how the data path holds it).
+#[inline(always)]
+#[must_use]
+pub const fn vip_index_home_of(
+    addr: &[u64; 2],
+    port: u16,
+    proto: u8,
+    family: u8,
+    salt: u32,
+) -> u32 {
+    // The four address words, each rotated by 8 more bits than the last,
+    // folded into one.
+    let (w0, w1) = (addr[0], addr[1]);
+    let folded = (w0 as u32)
+        ^ ((w0 >> 32) as u32).rotate_left(8)
+        ^ (w1 as u32).rotate_left(16)
+        ^ ((w1 >> 32) as u32).rotate_left(24);
+    let rest = (port as u32) | ((proto as u32) << 16) | ((family as u32) << 24);
+    let x = (folded as u64) | ((rest as u64) << 32);
     let h =
         (x ^ (salt as u64).wrapping_mul(0xc2b2_ae3d_27d4_eb4f)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     (h >> (64 - VIP_INDEX_SLOTS.trailing_zeros())) as u32
@@ -128,6 +153,18 @@ mod tests {
             }
         }
         assert!(others >= 3, "homes barely depend on the key");
+        // The data path's form (address words, fields) is the same function.
+        let w = crate::addr_words(&k.addr);
+        assert_eq!(vip_index_home_of(&w, k.port, k.proto, k.family, 1), h);
+        let k6 = VipKey {
+            addr: [0x0db8_0120, 0x1234_5678, 0x9abc_def0, 0x0f0e_0d0c],
+            family: 6,
+            ..k
+        };
+        assert_eq!(
+            vip_index_home_of(&crate::addr_words(&k6.addr), k6.port, k6.proto, 6, 9),
+            vip_index_home(&k6, 9)
+        );
         assert_eq!(vip_index_probe(VIP_INDEX_SLOTS - 1, 1), 0);
     }
 }

@@ -8,15 +8,13 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Backend, FAMILY_V4, FlowKey, GlobalConfig, STAT_DROP_ENCAP, STAT_DROP_NO_ROUTE,
-    STAT_DROP_REDIRECT, flow_hash,
+    Backend, FAMILY_V4, GlobalConfig, STAT_DROP_ENCAP, STAT_DROP_NO_ROUTE, STAT_DROP_REDIRECT,
 };
 
 use crate::{
     maps::TX_PORTS,
     outcome::Outcome,
     parse::{IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HLEN, IPV6_HLEN, L3, ptr_at},
-    select::Chosen,
 };
 
 const AF_INET: u8 = 2;
@@ -58,6 +56,27 @@ fn csum_fold(mut sum: u32) -> u16 {
 #[inline(always)]
 fn vary(prefix: u32, host_mask: u32, hash: u32) -> u32 {
     (prefix & !host_mask) | (hash & host_mask)
+}
+
+/// Room for a route lookup request, 8-byte aligned.
+#[repr(C, align(8))]
+struct FibBuf([u64; size_of::<FibParams>() / 8]);
+const _: () = assert!(size_of::<FibBuf>() == size_of::<FibParams>());
+
+/// Zeroes `buf` in place and returns it as a route lookup request. The
+/// words are stored one by one (volatile) so the compiler can neither trim
+/// the zeroing into an unaligned `memset` nor copy the buffer: either
+/// becomes a `memset`/`memcpy` call, which BPF cannot make.
+#[inline(always)]
+fn zeroed_fib(buf: &mut core::mem::MaybeUninit<FibBuf>) -> &mut FibParams {
+    let words = buf.as_mut_ptr().cast::<u64>();
+    for i in 0..size_of::<FibBuf>() / 8 {
+        // SAFETY: an aligned word inside `buf`.
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+    }
+    // SAFETY: every byte is written; same size, stricter alignment, and
+    // bpf_fib_lookup is plain data for which all-zero bytes are valid.
+    unsafe { &mut *words.cast::<FibParams>() }
 }
 
 /// Route lookup for the outer header: next-hop MACs and egress interface.
@@ -128,27 +147,20 @@ fn transmit(ctx: &XdpContext, fib: &FibParams) -> Outcome {
     }
 }
 
-/// IP-in-IP towards the chosen backend: IPv4 in IPv4 or IPv6 in IPv6.
-/// The outer source varies with the flow hash of `key`: the one selection
-/// computed if any, else computed here.
+/// IP-in-IP towards `backend`: IPv4 in IPv4 or IPv6 in IPv6. The outer
+/// source varies with the flow's `hash`.
 #[inline(always)]
 pub fn ipip(
     ctx: &XdpContext,
-    l3_off: usize,
     l3: &L3,
-    chosen: &Chosen,
-    key: &FlowKey,
+    backend: &Backend,
+    hash: u32,
     cfg: &GlobalConfig,
 ) -> Outcome {
-    let backend = chosen.backend;
-    let hash = match chosen.hash {
-        Some(h) => h,
-        None => flow_hash(key, cfg.hash_seed),
-    };
     let res = if l3.family == FAMILY_V4 {
-        ipip4(ctx, l3_off, l3, backend, hash, cfg)
+        ipip4(ctx, l3.l3_off, l3, backend, hash, cfg)
     } else {
-        ipip6(ctx, l3_off, l3, backend, hash, cfg)
+        ipip6(ctx, l3.l3_off, l3, backend, hash, cfg)
     };
     match res {
         Ok(o) | Err(o) => o,
@@ -173,14 +185,14 @@ fn ipip4(
     }
     let src = vary(cfg.ipip_src_v4, cfg.ipip_src_v4_mask, hash);
     let dst = backend.addr[0];
-    // SAFETY: bpf_fib_lookup is plain data; all-zero is a valid value.
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    let mut buf = core::mem::MaybeUninit::uninit();
+    let fib = zeroed_fib(&mut buf);
     fib.family = AF_INET;
     fib.__bindgen_anon_1.tot_len = outer_len as u16;
     fib.__bindgen_anon_3.ipv4_src = src;
     fib.__bindgen_anon_4.ipv4_dst = dst;
-    route(ctx, &mut fib)?;
-    push_l2(ctx, l3_off, IPV4_HLEN, &fib)?;
+    route(ctx, fib)?;
+    push_l2(ctx, l3_off, IPV4_HLEN, fib)?;
 
     // The outer header as ten 16-bit words in wire order.
     let mut w: [u16; 10] = [
@@ -205,7 +217,7 @@ fn ipip4(
     let hdr = ptr_at::<[u16; 10]>(ctx, l3_off).ok_or(Outcome::drop(STAT_DROP_ENCAP))?;
     // SAFETY: bounds checked by ptr_at.
     unsafe { *hdr = w };
-    Ok(transmit(ctx, &fib))
+    Ok(transmit(ctx, fib))
 }
 
 #[inline(always)]
@@ -227,14 +239,14 @@ fn ipip6(
     let p = cfg.ipip_src_v6;
     let src = [p[0], p[1], p[2], vary(p[3], cfg.ipip_src_v6_mask, hash)];
     let dst = backend.addr;
-    // SAFETY: bpf_fib_lookup is plain data; all-zero is a valid value.
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    let mut buf = core::mem::MaybeUninit::uninit();
+    let fib = zeroed_fib(&mut buf);
     fib.family = AF_INET6;
     fib.__bindgen_anon_1.tot_len = (payload_len + IPV6_HLEN) as u16;
     fib.__bindgen_anon_3.ipv6_src = src;
     fib.__bindgen_anon_4.ipv6_dst = dst;
-    route(ctx, &mut fib)?;
-    push_l2(ctx, l3_off, IPV6_HLEN, &fib)?;
+    route(ctx, fib)?;
+    push_l2(ctx, l3_off, IPV6_HLEN, fib)?;
 
     let hdr = ptr_at::<crate::parse::Ipv6Hdr>(ctx, l3_off).ok_or(Outcome::drop(STAT_DROP_ENCAP))?;
     // Version 6, the inner traffic class, and a flow label from the flow
@@ -250,5 +262,5 @@ fn ipip6(
         h.saddr = src;
         h.daddr = dst;
     }
-    Ok(transmit(ctx, &fib))
+    Ok(transmit(ctx, fib))
 }

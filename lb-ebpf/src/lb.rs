@@ -3,11 +3,11 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
-    FAMILY_V4, FlowKey, GlobalConfig, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+    FAMILY_V4, FlowWords, GlobalConfig, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
     STAT_DROP_MALFORMED_L4, STAT_DROP_NO_CONFIG, STAT_ERR_ICMP_INNER, STAT_ERR_L4_TRUNC,
     STAT_FRAGMENT, STAT_ICMP_PTB, STAT_PASS_MALFORMED, STAT_PASS_NOT_VIP, VIP_F_FRAG_ALIAS,
-    VIP_F_IPIP, VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VipKey, VipMeta, vip_filter_bit, vip_index_half,
-    vip_index_home, vip_index_probe, vip_index_salt,
+    VIP_F_IPIP, VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VipMeta, addr_words, flow_hash_words,
+    vip_filter_bit_of_words, vip_index_half, vip_index_home_of, vip_index_probe, vip_index_salt,
 };
 
 use crate::{
@@ -18,7 +18,8 @@ use crate::{
     },
     outcome::Outcome,
     parse::{
-        ETH_P_IP, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, L2, L3, parse_ipv4, parse_ipv6, parse_l2, ptr_at,
+        ETH_P_IP, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, L3, addresses, parse_ipv4, parse_ipv6, parse_l2,
+        ptr_at,
     },
     select::{self, Chosen},
 };
@@ -44,38 +45,46 @@ pub fn process(ctx: &XdpContext) -> Outcome {
 #[inline(always)]
 fn try_process(ctx: &XdpContext) -> Result<Outcome, Outcome> {
     let l2 = parse_l2(ctx)?;
-    let l3 = if l2.ethertype == ETH_P_IP {
-        parse_ipv4(ctx, l2.l3_off)?
+    // Each family gets its own copy of what follows: with the family known,
+    // the compiler keeps the header fields in registers (a shared copy
+    // merges them in a stack struct, written field by field and read back
+    // in wider words, which stalls store-to-load forwarding).
+    if l2.ethertype == ETH_P_IP {
+        let l3 = parse_ipv4(ctx, l2.l3_off)?;
+        for_l3::<false>(ctx, &l3)
     } else {
-        parse_ipv6(ctx, l2.l3_off)?
-    };
-    if !maybe_vip(&l3.dst) {
+        let l3 = parse_ipv6(ctx, l2.l3_off)?;
+        for_l3::<true>(ctx, &l3)
+    }
+}
+
+/// The decision for a parsed IP packet (IPv6 when `V6`).
+#[inline(always)]
+fn for_l3<const V6: bool>(ctx: &XdpContext, l3: &L3) -> Result<Outcome, Outcome> {
+    // The parser has checked that the header is in the packet.
+    let (src, dst) = addresses::<V6>(ctx, l3).ok_or(Outcome::pass(STAT_PASS_MALFORMED))?;
+    if !maybe_vip(&dst) {
         return Err(Outcome::pass(STAT_PASS_NOT_VIP));
     }
     match l3.proto {
         PROTO_TCP | PROTO_UDP => {}
-        PROTO_ICMP | PROTO_ICMPV6 => return icmp(ctx, &l2, &l3),
+        PROTO_ICMP | PROTO_ICMPV6 => return icmp(ctx, l3),
         _ => return Err(Outcome::pass(STAT_PASS_NOT_VIP)),
     }
-    let mut key = FlowKey {
-        src: l3.src,
-        dst: l3.dst,
-        proto: l3.proto,
-        family: l3.family,
-        ..FlowKey::default()
-    };
     if l3.fragment {
-        return fragment(ctx, &l2, &l3, &key);
+        let key = FlowWords::new(src, dst, 0, l3.proto, l3.family);
+        return fragment(ctx, l3, &key);
     }
     let Some(ports) = ptr_at::<[u16; 2]>(ctx, l3.l4_off) else {
-        return Err(malformed_l4(&l3));
+        return Err(malformed_l4(&dst, l3.proto, l3.family));
     };
     // SAFETY: bounds checked by ptr_at.
     let [sport, dport] = unsafe { *ports };
-    key.src_port = sport;
-    key.dst_port = dport;
+    // Both ports in wire order as one word, as the flow key packs them.
+    let ports = u32::from(sport) | (u32::from(dport) << 16);
+    let key = FlowWords::new(src, dst, ports, l3.proto, l3.family);
     let meta =
-        find_vip(&l3.dst, dport, l3.proto, l3.family).ok_or(Outcome::pass(STAT_PASS_NOT_VIP))?;
+        find_vip(&dst, dport, l3.proto, l3.family).ok_or(Outcome::pass(STAT_PASS_NOT_VIP))?;
     if meta.flags & VIP_F_FRAG_ALIAS != 0 {
         // Port 0 is never a VIP port; the entry only routes fragments.
         return Err(Outcome::pass(STAT_PASS_NOT_VIP));
@@ -94,13 +103,13 @@ fn try_process(ctx: &XdpContext) -> Result<Outcome, Outcome> {
     };
     let cfg = config()?;
     let chosen = select::for_flow(&meta, &key, cfg.hash_seed, syn)?;
-    Ok(forward(ctx, &l2, &l3, &meta, &chosen, &key, cfg))
+    Ok(forward(ctx, l3, &meta, &chosen, &key, cfg))
 }
 
 /// The VIP address prefilter: false means "certainly not a VIP address".
 #[inline(always)]
-fn maybe_vip(addr: &[u32; 4]) -> bool {
-    let (word, mask) = vip_filter_bit(addr);
+fn maybe_vip(addr: &[u64; 2]) -> bool {
+    let (word, mask) = vip_filter_bit_of_words(addr);
     VIP_FILTER.get(word).is_some_and(|w| *w & mask != 0)
 }
 
@@ -112,24 +121,21 @@ fn config() -> Result<&'static GlobalConfig, Outcome> {
 }
 
 /// The VIP entry of (address, port, protocol), from the live table of the
-/// VIP index (inlined array reads; see `lb_common::vip_index`).
+/// VIP index (inlined array reads; see `lb_common::vip_index`). The address
+/// is in `addr_words` form, compared word by word with the slot's.
 #[inline(always)]
-fn find_vip(addr: &[u32; 4], port: u16, proto: u8, family: u8) -> Option<VipMeta> {
-    let key = VipKey {
-        addr: *addr,
-        port,
-        proto,
-        family,
-    };
+fn find_vip(addr: &[u64; 2], port: u16, proto: u8, family: u8) -> Option<VipMeta> {
     let live = *VIP_INDEX_LIVE.get(0)?;
     let base = vip_index_half(live) * VIP_INDEX_SLOTS;
-    let home = vip_index_home(&key, vip_index_salt(live));
+    let home = vip_index_home_of(addr, port, proto, family, vip_index_salt(live));
     for i in 0..VIP_INDEX_PROBES {
         let slot = VIP_INDEX.get(base + vip_index_probe(home, i))?;
-        if slot.key == key {
+        let k = &slot.key;
+        if k.port == port && k.proto == proto && k.family == family && addr_words(&k.addr) == *addr
+        {
             return Some(slot.meta);
         }
-        if slot.key.family == 0 {
+        if k.family == 0 {
             return None;
         }
     }
@@ -141,9 +147,9 @@ fn find_vip(addr: &[u32; 4], port: u16, proto: u8, family: u8) -> Option<VipMeta
 /// this address and protocol", which the fragment alias answers.
 #[cold]
 #[inline(never)]
-fn malformed_l4(l3: &L3) -> Outcome {
+fn malformed_l4(dst: &[u64; 2], proto: u8, family: u8) -> Outcome {
     count(STAT_ERR_L4_TRUNC);
-    if find_vip(&l3.dst, 0, l3.proto, l3.family).is_some() {
+    if find_vip(dst, 0, proto, family).is_some() {
         Outcome::drop(STAT_DROP_MALFORMED_L4)
     } else {
         Outcome::pass(STAT_PASS_MALFORMED)
@@ -161,13 +167,14 @@ fn drop_l4() -> Outcome {
 /// that the (address, protocol) fragment alias names. Fragments do not use
 /// or create connection entries.
 #[inline(always)]
-fn fragment(ctx: &XdpContext, l2: &L2, l3: &L3, key: &FlowKey) -> Result<Outcome, Outcome> {
-    let meta = find_vip(&l3.dst, 0, l3.proto, l3.family).ok_or(Outcome::pass(STAT_PASS_NOT_VIP))?;
+fn fragment(ctx: &XdpContext, l3: &L3, key: &FlowWords) -> Result<Outcome, Outcome> {
+    let meta =
+        find_vip(&key.dst(), 0, l3.proto, l3.family).ok_or(Outcome::pass(STAT_PASS_NOT_VIP))?;
     count(STAT_FRAGMENT);
     let key = key.without_ports();
     let cfg = config()?;
     let chosen = select::from_ring(&meta, &key, cfg.hash_seed)?;
-    Ok(forward(ctx, l2, l3, &meta, &chosen, &key, cfg))
+    Ok(forward(ctx, l3, &meta, &chosen, &key, cfg))
 }
 
 /// ICMP "fragmentation needed" / ICMPv6 "packet too big" about a VIP flow:
@@ -175,7 +182,7 @@ fn fragment(ctx: &XdpContext, l2: &L2, l3: &L3, key: &FlowKey) -> Result<Outcome
 /// swapped back into the client → VIP direction). Other ICMP is not VIP
 /// traffic and is passed to the host.
 #[inline(always)]
-fn icmp(ctx: &XdpContext, l2: &L2, l3: &L3) -> Result<Outcome, Outcome> {
+fn icmp(ctx: &XdpContext, l3: &L3) -> Result<Outcome, Outcome> {
     if l3.fragment {
         return Err(Outcome::pass(STAT_PASS_NOT_VIP));
     }
@@ -183,11 +190,9 @@ fn icmp(ctx: &XdpContext, l2: &L2, l3: &L3) -> Result<Outcome, Outcome> {
     // SAFETY: bounds checked by ptr_at.
     let (ty, code) = unsafe { ((*hdr)[0], (*hdr)[1]) };
     let inner_off = l3.l4_off + ICMP_HLEN;
-    let mut key = FlowKey {
-        family: l3.family,
-        ..FlowKey::default()
-    };
-    let inner_l4 = if l3.family == FAMILY_V4 {
+    // The quoted packet went from the VIP to the client: its source is the
+    // flow's destination.
+    let (src, dst, proto, inner_l4) = if l3.family == FAMILY_V4 {
         if l3.proto != PROTO_ICMP || ty != ICMP_DEST_UNREACH || code != ICMP_FRAG_NEEDED {
             return Err(Outcome::pass(STAT_PASS_NOT_VIP));
         }
@@ -198,10 +203,12 @@ fn icmp(ctx: &XdpContext, l2: &L2, l3: &L3) -> Result<Outcome, Outcome> {
         if ihl < 5 {
             return Err(bad_quote());
         }
-        key.src = [ip.daddr, 0, 0, 0];
-        key.dst = [ip.saddr, 0, 0, 0];
-        key.proto = ip.proto;
-        inner_off + ihl * 4
+        (
+            [u64::from(ip.daddr), 0],
+            [u64::from(ip.saddr), 0],
+            ip.proto,
+            inner_off + ihl * 4,
+        )
     } else {
         if l3.proto != PROTO_ICMPV6 || ty != ICMPV6_PKT_TOOBIG {
             return Err(Outcome::pass(STAT_PASS_NOT_VIP));
@@ -209,28 +216,31 @@ fn icmp(ctx: &XdpContext, l2: &L2, l3: &L3) -> Result<Outcome, Outcome> {
         let ip = ptr_at::<Ipv6Hdr>(ctx, inner_off).ok_or_else(|| bad_quote())?;
         // SAFETY: bounds checked by ptr_at.
         let ip = unsafe { &*ip };
-        key.src = ip.daddr;
-        key.dst = ip.saddr;
-        key.proto = ip.nexthdr;
-        inner_off + IPV6_HLEN
+        (
+            addr_words(&ip.daddr),
+            addr_words(&ip.saddr),
+            ip.nexthdr,
+            inner_off + IPV6_HLEN,
+        )
     };
-    if key.proto != PROTO_TCP && key.proto != PROTO_UDP {
+    if proto != PROTO_TCP && proto != PROTO_UDP {
         return Err(Outcome::pass(STAT_PASS_NOT_VIP));
     }
     let ports = ptr_at::<[u16; 2]>(ctx, inner_l4).ok_or_else(|| bad_quote())?;
     // SAFETY: bounds checked by ptr_at.
     let [quoted_sport, quoted_dport] = unsafe { *ports };
-    key.src_port = quoted_dport;
-    key.dst_port = quoted_sport;
-    let meta = find_vip(&key.dst, key.dst_port, key.proto, key.family)
-        .ok_or(Outcome::pass(STAT_PASS_NOT_VIP))?;
+    // Swapped back into the client → VIP direction.
+    let ports = u32::from(quoted_dport) | (u32::from(quoted_sport) << 16);
+    let key = FlowWords::new(src, dst, ports, proto, l3.family);
+    let meta =
+        find_vip(&dst, key.dst_port(), proto, l3.family).ok_or(Outcome::pass(STAT_PASS_NOT_VIP))?;
     if meta.flags & VIP_F_FRAG_ALIAS != 0 {
         return Err(Outcome::pass(STAT_PASS_NOT_VIP));
     }
     count(STAT_ICMP_PTB);
     let cfg = config()?;
     let chosen = select::lookup_only(&meta, &key, cfg.hash_seed)?;
-    Ok(forward(ctx, l2, l3, &meta, &chosen, &key, cfg))
+    Ok(forward(ctx, l3, &meta, &chosen, &key, cfg))
 }
 
 #[cold]
@@ -243,17 +253,20 @@ fn bad_quote() -> Outcome {
 #[inline(always)]
 fn forward(
     ctx: &XdpContext,
-    l2: &L2,
     l3: &L3,
     meta: &VipMeta,
     chosen: &Chosen,
-    key: &FlowKey,
+    key: &FlowWords,
     cfg: &GlobalConfig,
 ) -> Outcome {
     // Counted before forwarding changes the frame, credited only if sent.
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let outcome = if meta.flags & VIP_F_IPIP != 0 {
-        forward::ipip(ctx, l2.l3_off, l3, chosen, key, cfg)
+        let hash = match chosen.hash {
+            Some(h) => h,
+            None => flow_hash_words(key, cfg.hash_seed),
+        };
+        forward::ipip(ctx, l3, chosen.backend, hash, cfg)
     } else {
         forward::dsr(ctx, chosen.backend)
     };

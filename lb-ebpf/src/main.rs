@@ -19,7 +19,11 @@ mod select;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 
+// Inlined into the program's entry, so the whole decision is one BPF
+// function (a separate one would also need its calls to the cold
+// subprograms relocated across text sections).
 #[xdp]
+#[inline(always)]
 pub fn xdp_lb(ctx: XdpContext) -> u32 {
     let outcome = lb::process(&ctx);
     maps::count(outcome.stat);

@@ -4,10 +4,10 @@
 use core::ptr::{read_volatile, write_volatile};
 
 use lb_common::{
-    BACKEND_F_ACTIVE, Backend, CONN_WAYS, ConnBucket, FlowKey, RING_CHUNK_SLOTS, STAT_CONN_HIT,
+    BACKEND_F_ACTIVE, Backend, CONN_WAYS, ConnBucket, FlowWords, RING_CHUNK_SLOTS, STAT_CONN_HIT,
     STAT_CONN_INSERT_FAIL, STAT_CONN_MISS, STAT_CONN_STALE, STAT_DROP_NO_BACKEND,
-    VIP_F_SRC_AFFINITY, VipMeta, conn_bucket, conn_hash, conn_tag, conn_way, flow_hash,
-    flow_hash_of_mix, flow_mix, ring_index, ring_slot, way_backend, way_generation_matches,
+    VIP_F_SRC_AFFINITY, VipMeta, conn_bucket, conn_hash, conn_tag, conn_way, flow_hash_of_mix,
+    flow_hash_words, flow_mix_words, ring_index, ring_slot, way_backend, way_generation_matches,
     way_tag,
 };
 
@@ -33,20 +33,25 @@ pub struct Chosen {
 /// Picks a backend from the VIP's lookup table by the flow hash of `key`
 /// (of its source address for a client-affinity VIP).
 #[inline(always)]
-pub fn from_ring(meta: &VipMeta, key: &FlowKey, seed: u32) -> Result<Chosen, Outcome> {
-    from_ring_mixed(meta, key, seed, flow_mix(key, seed))
+pub fn from_ring(meta: &VipMeta, key: &FlowWords, seed: u32) -> Result<Chosen, Outcome> {
+    from_ring_mixed(meta, key, seed, flow_mix_words(key, seed))
 }
 
-/// [`from_ring`] for a key whose [`flow_mix`] state `mix` is at hand.
+/// [`from_ring`] for a key whose [`flow_mix_words`] state `mix` is at hand.
 #[inline(always)]
-fn from_ring_mixed(meta: &VipMeta, key: &FlowKey, seed: u32, mix: u64) -> Result<Chosen, Outcome> {
+fn from_ring_mixed(
+    meta: &VipMeta,
+    key: &FlowWords,
+    seed: u32,
+    mix: u64,
+) -> Result<Chosen, Outcome> {
     let ring_size = meta.ring_size;
     if ring_size == 0 {
         return Err(Outcome::drop(STAT_DROP_NO_BACKEND));
     }
     let affinity = meta.flags & VIP_F_SRC_AFFINITY != 0;
     let hash = if affinity {
-        flow_hash(&key.affinity(), seed)
+        flow_hash_words(&key.affinity(), seed)
     } else {
         flow_hash_of_mix(mix)
     };
@@ -82,7 +87,7 @@ struct Slot {
 }
 
 impl Slot {
-    /// Finds the bucket of the flow whose [`flow_mix`] state is `mix` and, in
+    /// Finds the bucket of the flow whose [`flow_mix_words`] state is `mix` and, in
     /// it, the way holding the flow's tag. `None` only if the table is
     /// missing (a loader fault; the flow is then not pinned).
     #[inline(always)]
@@ -167,8 +172,8 @@ fn from_slot(slot: &Slot, meta: &VipMeta) -> Option<Chosen> {
 /// the connection table. A TCP SYN always takes a fresh pick: it starts a
 /// new connection even when the 5-tuple is reused.
 #[inline(always)]
-pub fn for_flow(meta: &VipMeta, key: &FlowKey, seed: u32, syn: bool) -> Result<Chosen, Outcome> {
-    let mix = flow_mix(key, seed);
+pub fn for_flow(meta: &VipMeta, key: &FlowWords, seed: u32, syn: bool) -> Result<Chosen, Outcome> {
+    let mix = flow_mix_words(key, seed);
     let Some(slot) = Slot::find(mix) else {
         count(STAT_CONN_INSERT_FAIL);
         return from_ring_mixed(meta, key, seed, mix);
@@ -188,8 +193,8 @@ pub fn for_flow(meta: &VipMeta, key: &FlowKey, seed: u32, syn: bool) -> Result<C
 /// For packets that must follow an existing flow but never create one
 /// (ICMP errors): the connection entry if any, else the lookup table.
 #[inline(always)]
-pub fn lookup_only(meta: &VipMeta, key: &FlowKey, seed: u32) -> Result<Chosen, Outcome> {
-    let mix = flow_mix(key, seed);
+pub fn lookup_only(meta: &VipMeta, key: &FlowWords, seed: u32) -> Result<Chosen, Outcome> {
+    let mix = flow_mix_words(key, seed);
     let found = Slot::find(mix).and_then(|slot| from_slot(&slot, meta));
     match found {
         Some(chosen) => Ok(chosen),
