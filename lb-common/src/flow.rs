@@ -81,14 +81,14 @@ impl FlowKey {
     #[inline(always)]
     #[must_use]
     pub const fn packed(&self) -> FlowWords {
-        let w = self.words();
-        FlowWords([
-            (w[0] as u64) | ((w[1] as u64) << 32),
-            (w[2] as u64) | ((w[3] as u64) << 32),
-            (w[4] as u64) | ((w[5] as u64) << 32),
-            (w[6] as u64) | ((w[7] as u64) << 32),
-            (w[8] as u64) | ((w[9] as u64) << 32),
-        ])
+        FlowWords::new(
+            crate::addr_words(&self.src),
+            crate::addr_words(&self.dst),
+            self.src_port,
+            self.dst_port,
+            self.proto,
+            self.family,
+        )
     }
 
     /// The ten words [`flow_hash`] mixes, in a fixed order.
@@ -120,18 +120,27 @@ impl FlowKey {
 pub struct FlowWords(pub [u64; 5]);
 
 impl FlowWords {
-    /// A flow from its addresses (as [`crate::addr_words`]), its ports as
-    /// they lie in the transport header (`src_port | dst_port << 16`, wire
-    /// order), protocol and family.
+    /// A flow from its addresses (as [`crate::addr_words`]), ports (wire
+    /// order), protocol and family; the layout of [`FlowKey::words`].
     #[inline(always)]
     #[must_use]
-    pub const fn new(src: [u64; 2], dst: [u64; 2], ports: u32, proto: u8, family: u8) -> Self {
+    pub const fn new(
+        src: [u64; 2],
+        dst: [u64; 2],
+        src_port: u16,
+        dst_port: u16,
+        proto: u8,
+        family: u8,
+    ) -> Self {
         Self([
             src[0],
             src[1],
             dst[0],
             dst[1],
-            (ports as u64) | ((proto as u64) << 32) | ((family as u64) << 40),
+            (src_port as u64)
+                | ((dst_port as u64) << 16)
+                | ((proto as u64) << 32)
+                | ((family as u64) << 40),
         ])
     }
 
@@ -160,27 +169,6 @@ impl FlowWords {
     #[must_use]
     pub const fn dst(&self) -> [u64; 2] {
         [self.0[2], self.0[3]]
-    }
-
-    /// Destination port (wire order).
-    #[inline(always)]
-    #[must_use]
-    pub const fn dst_port(&self) -> u16 {
-        (self.0[4] >> 16) as u16
-    }
-
-    /// IANA protocol number.
-    #[inline(always)]
-    #[must_use]
-    pub const fn proto(&self) -> u8 {
-        (self.0[4] >> 32) as u8
-    }
-
-    /// [`FAMILY_V4`] or [`FAMILY_V6`].
-    #[inline(always)]
-    #[must_use]
-    pub const fn family(&self) -> u8 {
-        (self.0[4] >> 40) as u8
     }
 }
 
@@ -427,11 +415,11 @@ mod tests {
                 k.src = [k.src[0], 0, 0, 0];
                 k.dst = [k.dst[0], 0, 0, 0];
             }
-            let ports = u32::from(k.src_port) | (u32::from(k.dst_port) << 16);
             let p = FlowWords::new(
                 addr_words(&k.src),
                 addr_words(&k.dst),
-                ports,
+                k.src_port,
+                k.dst_port,
                 k.proto,
                 k.family,
             );
@@ -440,9 +428,6 @@ mod tests {
             assert_eq!(p.affinity(), k.affinity().packed());
             assert_eq!(p.without_ports(), k.without_ports().packed());
             assert_eq!(p.dst(), addr_words(&k.dst));
-            assert_eq!(p.dst_port(), k.dst_port);
-            assert_eq!(p.proto(), k.proto);
-            assert_eq!(p.family(), k.family);
         }
     }
 

@@ -158,9 +158,9 @@ pub fn ipip(
     cfg: &GlobalConfig,
 ) -> Outcome {
     let res = if l3.family == FAMILY_V4 {
-        ipip4(ctx, l3.l3_off, l3, backend, hash, cfg)
+        ipip4(ctx, l3, backend, hash, cfg)
     } else {
-        ipip6(ctx, l3.l3_off, l3, backend, hash, cfg)
+        ipip6(ctx, l3, backend, hash, cfg)
     };
     match res {
         Ok(o) | Err(o) => o,
@@ -170,12 +170,12 @@ pub fn ipip(
 #[inline(always)]
 fn ipip4(
     ctx: &XdpContext,
-    l3_off: usize,
     l3: &L3,
     backend: &Backend,
     hash: u32,
     cfg: &GlobalConfig,
 ) -> Result<Outcome, Outcome> {
+    let l3_off = l3.l3_off;
     if backend.family != FAMILY_V4 {
         return Err(Outcome::drop(STAT_DROP_ENCAP));
     }
@@ -223,12 +223,12 @@ fn ipip4(
 #[inline(always)]
 fn ipip6(
     ctx: &XdpContext,
-    l3_off: usize,
     l3: &L3,
     backend: &Backend,
     hash: u32,
     cfg: &GlobalConfig,
 ) -> Result<Outcome, Outcome> {
+    let l3_off = l3.l3_off;
     if backend.family == FAMILY_V4 {
         return Err(Outcome::drop(STAT_DROP_ENCAP));
     }

@@ -72,7 +72,7 @@ fn for_l3<const V6: bool>(ctx: &XdpContext, l3: &L3) -> Result<Outcome, Outcome>
         _ => return Err(Outcome::pass(STAT_PASS_NOT_VIP)),
     }
     if l3.fragment {
-        let key = FlowWords::new(src, dst, 0, l3.proto, l3.family);
+        let key = FlowWords::new(src, dst, 0, 0, l3.proto, l3.family);
         return fragment(ctx, l3, &key);
     }
     let Some(ports) = ptr_at::<[u16; 2]>(ctx, l3.l4_off) else {
@@ -80,9 +80,7 @@ fn for_l3<const V6: bool>(ctx: &XdpContext, l3: &L3) -> Result<Outcome, Outcome>
     };
     // SAFETY: bounds checked by ptr_at.
     let [sport, dport] = unsafe { *ports };
-    // Both ports in wire order as one word, as the flow key packs them.
-    let ports = u32::from(sport) | (u32::from(dport) << 16);
-    let key = FlowWords::new(src, dst, ports, l3.proto, l3.family);
+    let key = FlowWords::new(src, dst, sport, dport, l3.proto, l3.family);
     let meta =
         find_vip(&dst, dport, l3.proto, l3.family).ok_or(Outcome::pass(STAT_PASS_NOT_VIP))?;
     if meta.flags & VIP_F_FRAG_ALIAS != 0 {
@@ -230,10 +228,9 @@ fn icmp(ctx: &XdpContext, l3: &L3) -> Result<Outcome, Outcome> {
     // SAFETY: bounds checked by ptr_at.
     let [quoted_sport, quoted_dport] = unsafe { *ports };
     // Swapped back into the client → VIP direction.
-    let ports = u32::from(quoted_dport) | (u32::from(quoted_sport) << 16);
-    let key = FlowWords::new(src, dst, ports, proto, l3.family);
+    let key = FlowWords::new(src, dst, quoted_dport, quoted_sport, proto, l3.family);
     let meta =
-        find_vip(&dst, key.dst_port(), proto, l3.family).ok_or(Outcome::pass(STAT_PASS_NOT_VIP))?;
+        find_vip(&dst, quoted_sport, proto, l3.family).ok_or(Outcome::pass(STAT_PASS_NOT_VIP))?;
     if meta.flags & VIP_F_FRAG_ALIAS != 0 {
         return Err(Outcome::pass(STAT_PASS_NOT_VIP));
     }

@@ -84,11 +84,8 @@ pub struct L2 {
 pub struct L3 {
     pub family: u8,
     pub proto: u8,
-    /// Offset of the IP header.
+    /// Offset of the IP header (see [`addresses`]).
     pub l3_off: usize,
-    /// Offset of the source address (the destination follows it); see
-    /// [`addresses`].
-    pub addr_off: usize,
     /// Offset of the transport header (after options / extension headers).
     pub l4_off: usize,
     /// Length of the IP packet (header included) as the header states it.
@@ -109,12 +106,14 @@ pub struct L3 {
 #[inline(always)]
 pub fn addresses<const V6: bool>(ctx: &XdpContext, l3: &L3) -> Option<([u64; 2], [u64; 2])> {
     if V6 {
-        let a = ptr_at::<[[u32; 4]; 2]>(ctx, l3.addr_off)?;
+        let off = l3.l3_off + core::mem::offset_of!(Ipv6Hdr, saddr);
+        let a = ptr_at::<[[u32; 4]; 2]>(ctx, off)?;
         // SAFETY: bounds checked by ptr_at.
         let [src, dst] = unsafe { *a };
         Some((addr_words(&src), addr_words(&dst)))
     } else {
-        let a = ptr_at::<[u32; 2]>(ctx, l3.addr_off)?;
+        let off = l3.l3_off + core::mem::offset_of!(Ipv4Hdr, saddr);
+        let a = ptr_at::<[u32; 2]>(ctx, off)?;
         // SAFETY: bounds checked by ptr_at.
         let [src, dst] = unsafe { *a };
         Some(([u64::from(src), 0], [u64::from(dst), 0]))
@@ -178,7 +177,6 @@ pub fn parse_ipv4(ctx: &XdpContext, l3_off: usize) -> Result<L3, Outcome> {
         family: FAMILY_V4,
         proto: ip.proto,
         l3_off,
-        addr_off: l3_off + 12,
         l4_off: l3_off + hdr_len,
         ip_len,
         tos: ip.tos,
@@ -233,7 +231,6 @@ pub fn parse_ipv6(ctx: &XdpContext, l3_off: usize) -> Result<L3, Outcome> {
         family: FAMILY_V6,
         proto: nexthdr,
         l3_off,
-        addr_off: l3_off + 8,
         l4_off: off,
         ip_len: u16::from_be(ip.payload_len) as usize + IPV6_HLEN,
         tos: (vtc >> 20) as u8,
