@@ -11,7 +11,7 @@
 //! | 31..16 | low 16 bits of the backend's `generation`         |
 //! | 15..0  | backend id                                        |
 //!
-//! A flow's bucket is `conn_hash(key) & bucket_mask`; the tag tells the
+//! A flow's bucket is `conn_hash(key, secret) & bucket_mask`; the tag tells the
 //! flows of one bucket apart. Inside a bucket the ways are kept most
 //! recently used first: a hit moves its way to the front, a new flow is put
 //! in front and the last way (the least recently used of the bucket) falls
@@ -22,7 +22,8 @@
 //! there cost several dependent random accesses (bucket, element, LRU
 //! lists, a lock) plus a 40-byte jhash per packet; here a lookup is one
 //! inlined array access and one cache line, an insert is stores into that
-//! same line, and the hash reuses the flow hash's absorbed key.
+//! same line, and the hash ([`conn_hash`]) is short enough to be off the
+//! packet's critical path.
 //!
 //! What the compact way costs, and why it is safe:
 //! - Two flows of one bucket with equal tags (a chance of about 2⁻³² per
@@ -37,7 +38,7 @@
 //!   moves (a flow then falls back to its lookup-table pick, which is the
 //!   same backend unless the table changed). Ways are never torn.
 
-use crate::flow::fmix64;
+use crate::flow::FlowWords;
 
 /// Ways (flows) per bucket: one 64-byte cache line of `u64` ways.
 pub const CONN_WAYS: usize = 8;
@@ -79,15 +80,46 @@ pub const fn conn_buckets(capacity: u32) -> u32 {
     if b <= 1 { 1 } else { b.next_power_of_two() }
 }
 
-/// The connection table's hash of a flow, from the flow's [`flow_mix`]
-/// state: finished with the node's secret (so it differs per host and
-/// cannot be aimed without the secret); the low bits pick the bucket, the
-/// high half is the tag. The fleet's [`crate::flow_hash`] finishes the same
-/// state without the secret, so a packet absorbs its key once for both.
+/// Odd multipliers of [`conn_hash`]'s lanes, one per key word.
+const LANE_MUL: [u64; 5] = [
+    0x9e37_79b9_7f4a_7c15,
+    0xc2b2_ae3d_27d4_eb4f,
+    0x1656_67b1_9e37_79f9,
+    0xd6e8_feb8_6659_fd93,
+    0xff51_afd7_ed55_8ccd,
+];
+
+/// One lane of [`conn_hash`]: the word keyed by the secret, its halves
+/// folded (so that flipping a word's top bit does not change the product
+/// by a secret-independent 2⁶³), multiplied by the lane's constant.
+#[inline(always)]
+const fn lane(word: u64, secret: u64, mul: u64) -> u64 {
+    let x = word ^ secret;
+    (x ^ (x >> 32)).wrapping_mul(mul)
+}
+
+/// The connection table's hash of a flow: the low bits pick the bucket,
+/// the high half is the tag.
+///
+/// It is the node's own hash, not the fleet's [`crate::flow_hash`]: it only
+/// places flows in this host's table, so it can be keyed by the host's
+/// secret in every word (which flows share a bucket cannot be worked out
+/// without the secret) and built for latency. Each key word goes through
+/// its own multiply and the five products are summed, so the bucket
+/// address is known after one multiply plus a short finish instead of the
+/// flow hash's chain of dependent multiplies (an established flow's packet
+/// never computes the flow hash).
 #[inline(always)]
 #[must_use]
-pub const fn conn_hash(mix: u64, secret: u64) -> u64 {
-    fmix64(mix ^ secret)
+pub const fn conn_hash(key: &FlowWords, secret: u64) -> u64 {
+    let w = &key.0;
+    let src = lane(w[0], secret, LANE_MUL[0]).wrapping_add(lane(w[1], secret, LANE_MUL[1]));
+    let dst = lane(w[2], secret, LANE_MUL[2]).wrapping_add(lane(w[3], secret, LANE_MUL[3]));
+    let sum = src
+        .wrapping_add(dst)
+        .wrapping_add(lane(w[4], secret, LANE_MUL[4]));
+    let h = (sum ^ (sum >> 29)).wrapping_mul(LANE_MUL[0]);
+    h ^ (h >> 32)
 }
 
 /// The bucket index of a flow hash.
@@ -140,7 +172,7 @@ mod tests {
     use std::{collections::HashSet, vec::Vec};
 
     use super::*;
-    use crate::flow::{FAMILY_V4, FlowKey, PROTO_TCP, flow_mix};
+    use crate::flow::{FAMILY_V4, FlowKey, PROTO_TCP};
 
     fn key(src: u32, sport: u16) -> FlowKey {
         FlowKey {
@@ -191,9 +223,7 @@ mod tests {
         let mut counts = std::vec![0u32; 4096];
         for i in 0..n {
             let k = key(0x0a00_0000 + (i / 1000), 1024 + (i % 1000) as u16);
-            counts
-                [conn_bucket(conn_hash(flow_mix(&k, 0), 0x1234_5678_9abc_def1), mask) as usize] +=
-                1;
+            counts[conn_bucket(conn_hash(&k.packed(), 0x1234_5678_9abc_def1), mask) as usize] += 1;
         }
         // Poisson(8): a bucket above 30 would be a placement bias.
         let max = *counts.iter().max().unwrap();
@@ -202,10 +232,10 @@ mod tests {
         assert!(empty < 20, "{empty} empty buckets (expected ≈ 1.4)");
 
         let a: Vec<u32> = (0..64)
-            .map(|i| conn_bucket(conn_hash(flow_mix(&key(i, 1000), 0), 1), mask))
+            .map(|i| conn_bucket(conn_hash(&key(i, 1000).packed(), 1), mask))
             .collect();
         let b: Vec<u32> = (0..64)
-            .map(|i| conn_bucket(conn_hash(flow_mix(&key(i, 1000), 0), 2), mask))
+            .map(|i| conn_bucket(conn_hash(&key(i, 1000).packed(), 2), mask))
             .collect();
         assert_ne!(a, b);
     }
@@ -215,24 +245,45 @@ mod tests {
     fn every_field_counts() {
         let base = key(0x0a00_0001, 40000);
         let mut seen = HashSet::new();
-        seen.insert(conn_hash(flow_mix(&base, 0), 7));
+        seen.insert(conn_hash(&base.packed(), 7));
         let mut k = base;
         k.src[3] = 1;
-        assert!(seen.insert(conn_hash(flow_mix(&k, 0), 7)));
+        assert!(seen.insert(conn_hash(&k.packed(), 7)));
         let mut k = base;
         k.dst[2] = 1;
-        assert!(seen.insert(conn_hash(flow_mix(&k, 0), 7)));
+        assert!(seen.insert(conn_hash(&k.packed(), 7)));
         let mut k = base;
         k.src_port ^= 1;
-        assert!(seen.insert(conn_hash(flow_mix(&k, 0), 7)));
+        assert!(seen.insert(conn_hash(&k.packed(), 7)));
         let mut k = base;
         k.dst_port ^= 1;
-        assert!(seen.insert(conn_hash(flow_mix(&k, 0), 7)));
+        assert!(seen.insert(conn_hash(&k.packed(), 7)));
         let mut k = base;
         k.proto = 17;
-        assert!(seen.insert(conn_hash(flow_mix(&k, 0), 7)));
+        assert!(seen.insert(conn_hash(&k.packed(), 7)));
         let mut k = base;
         k.family = 6;
-        assert!(seen.insert(conn_hash(flow_mix(&k, 0), 7)));
+        assert!(seen.insert(conn_hash(&k.packed(), 7)));
+    }
+
+    /// Flipping the top bit of two words adds 2⁶³ twice to a plain
+    /// sum of products, whatever the secret; the folded lanes do not let
+    /// such pairs collide.
+    #[test]
+    fn top_bits_do_not_cancel() {
+        let base = FlowWords([1, 2, 3, 4, 5]);
+        let top = 1u64 << 63;
+        for secret in [1u64, 0x1234_5678_9abc_def1, u64::MAX] {
+            for (i, j) in [(0, 1), (0, 2), (1, 3), (2, 3)] {
+                let mut k = base;
+                k.0[i] ^= top;
+                k.0[j] ^= top;
+                assert_ne!(
+                    conn_hash(&k, secret),
+                    conn_hash(&base, secret),
+                    "words {i},{j}"
+                );
+            }
+        }
     }
 }

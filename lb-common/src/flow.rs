@@ -198,9 +198,10 @@ pub const fn fmix64(mut h: u64) -> u64 {
 }
 
 /// The key's five 64-bit words absorbed into a 64-bit state with the
-/// fleet's seed. Not itself a hash (no final mix): [`flow_hash`] and the
-/// connection table's [`crate::conn_hash`] each finish it their own way, so
-/// a packet absorbs its key once for both.
+/// fleet's seed. Not itself a hash: [`flow_hash`] finishes it. (The
+/// connection table places flows by its own node-local
+/// [`crate::conn_hash`], so an established flow's packet never pays for
+/// this chain of dependent multiplies.)
 #[inline(always)]
 #[must_use]
 pub const fn flow_mix(key: &FlowKey, seed: u32) -> u64 {

@@ -28,7 +28,7 @@ pub use conn::{
 };
 pub use flow::{
     FAMILY_V4, FAMILY_V6, FlowKey, FlowWords, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
-    flow_hash, flow_hash_of_mix, flow_hash_words, flow_mix, flow_mix_words, fmix64, ring_slot,
+    flow_hash, flow_hash_words, ring_slot,
 };
 pub use maps::*;
 pub use stats::*;

@@ -8,7 +8,7 @@
 
 /// Version of the pinned map layout. A newer agent refuses to adopt pinned
 /// maps of another version instead of misreading them.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 // ---- map names (the static names in lb-ebpf) ----
 /// `Array<VipSlot, 2 × VIP_INDEX_SLOTS>` (memory-mappable): the VIPs, as

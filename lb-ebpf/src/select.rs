@@ -6,9 +6,8 @@ use core::ptr::{read_volatile, write_volatile};
 use lb_common::{
     BACKEND_F_ACTIVE, Backend, CONN_WAYS, ConnBucket, FlowWords, RING_CHUNK_SLOTS, STAT_CONN_HIT,
     STAT_CONN_INSERT_FAIL, STAT_CONN_MISS, STAT_CONN_STALE, STAT_DROP_NO_BACKEND,
-    VIP_F_SRC_AFFINITY, VipMeta, conn_bucket, conn_hash, conn_tag, conn_way, flow_hash_of_mix,
-    flow_hash_words, flow_mix_words, ring_index, ring_slot, way_backend, way_generation_matches,
-    way_tag,
+    VIP_F_SRC_AFFINITY, VipMeta, conn_bucket, conn_hash, conn_tag, conn_way, flow_hash_words,
+    ring_index, ring_slot, way_backend, way_generation_matches, way_tag,
 };
 
 use crate::{
@@ -34,17 +33,6 @@ pub struct Chosen {
 /// (of its source address for a client-affinity VIP).
 #[inline(always)]
 pub fn from_ring(meta: &VipMeta, key: &FlowWords, seed: u32) -> Result<Chosen, Outcome> {
-    from_ring_mixed(meta, key, seed, flow_mix_words(key, seed))
-}
-
-/// [`from_ring`] for a key whose [`flow_mix_words`] state `mix` is at hand.
-#[inline(always)]
-fn from_ring_mixed(
-    meta: &VipMeta,
-    key: &FlowWords,
-    seed: u32,
-    mix: u64,
-) -> Result<Chosen, Outcome> {
     let ring_size = meta.ring_size;
     if ring_size == 0 {
         return Err(Outcome::drop(STAT_DROP_NO_BACKEND));
@@ -53,7 +41,7 @@ fn from_ring_mixed(
     let hash = if affinity {
         flow_hash_words(&key.affinity(), seed)
     } else {
-        flow_hash_of_mix(mix)
+        flow_hash_words(key, seed)
     };
     let slot = ring_slot(hash, ring_size);
     let live = RING_LIVE.get(meta.vip_id).copied().unwrap_or(0);
@@ -87,13 +75,13 @@ struct Slot {
 }
 
 impl Slot {
-    /// Finds the bucket of the flow whose [`flow_mix_words`] state is `mix` and, in
-    /// it, the way holding the flow's tag. `None` only if the table is
-    /// missing (a loader fault; the flow is then not pinned).
+    /// Finds the bucket of the flow `key` and, in it, the way holding the
+    /// flow's tag. `None` only if the table is missing (a loader fault; the
+    /// flow is then not pinned).
     #[inline(always)]
-    fn find(mix: u64) -> Option<Self> {
+    fn find(key: &FlowWords) -> Option<Self> {
         let params = CONN_PARAMS.get(0)?;
-        let hash = conn_hash(mix, params.secret);
+        let hash = conn_hash(key, params.secret);
         let bucket = CONN_TABLE.get_ptr_mut(conn_bucket(hash, params.bucket_mask))?;
         let mut slot = Self {
             bucket,
@@ -173,10 +161,9 @@ fn from_slot(slot: &Slot, meta: &VipMeta) -> Option<Chosen> {
 /// new connection even when the 5-tuple is reused.
 #[inline(always)]
 pub fn for_flow(meta: &VipMeta, key: &FlowWords, seed: u32, syn: bool) -> Result<Chosen, Outcome> {
-    let mix = flow_mix_words(key, seed);
-    let Some(slot) = Slot::find(mix) else {
+    let Some(slot) = Slot::find(key) else {
         count(STAT_CONN_INSERT_FAIL);
-        return from_ring_mixed(meta, key, seed, mix);
+        return from_ring(meta, key, seed);
     };
     if !syn && let Some(chosen) = from_slot(&slot, meta) {
         if slot.way != 0 {
@@ -185,7 +172,7 @@ pub fn for_flow(meta: &VipMeta, key: &FlowWords, seed: u32, syn: bool) -> Result
         return Ok(chosen);
     }
     count(STAT_CONN_MISS);
-    let chosen = from_ring_mixed(meta, key, seed, mix)?;
+    let chosen = from_ring(meta, key, seed)?;
     slot.put_front(conn_way(slot.tag, chosen.id, chosen.backend.generation));
     Ok(chosen)
 }
@@ -194,10 +181,9 @@ pub fn for_flow(meta: &VipMeta, key: &FlowWords, seed: u32, syn: bool) -> Result
 /// (ICMP errors): the connection entry if any, else the lookup table.
 #[inline(always)]
 pub fn lookup_only(meta: &VipMeta, key: &FlowWords, seed: u32) -> Result<Chosen, Outcome> {
-    let mix = flow_mix_words(key, seed);
-    let found = Slot::find(mix).and_then(|slot| from_slot(&slot, meta));
+    let found = Slot::find(key).and_then(|slot| from_slot(&slot, meta));
     match found {
         Some(chosen) => Ok(chosen),
-        None => from_ring_mixed(meta, key, seed, mix),
+        None => from_ring(meta, key, seed),
     }
 }
