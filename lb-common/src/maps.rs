@@ -10,6 +10,8 @@
 /// maps of another version instead of misreading them.
 pub const LAYOUT_VERSION: u32 = 6;
 
+use crate::flow::FlowWords;
+
 // ---- map names (the static names in lb-ebpf) ----
 /// `Array<VipSlot, 2 × VIP_INDEX_SLOTS>` (memory-mappable): the VIPs, as
 /// two open-addressing tables, see [`crate::vip_index`].
@@ -24,7 +26,8 @@ pub const MAP_RINGS: &str = "RINGS";
 /// 1). Switching a VIP to its other table is one aligned 4-byte store:
 /// every CPU reads the old value or the new one.
 pub const MAP_RING_LIVE: &str = "RING_LIVE";
-/// `Array<Backend, MAX_BACKENDS>`: backends by id.
+/// `Array<Backend, MAX_BACKENDS>` (memory-mappable, so every entry is one
+/// aligned cache line): backends by id.
 pub const MAP_BACKENDS: &str = "BACKENDS";
 /// `Array<ConnBucket, buckets>` (memory-mappable, so every bucket is one
 /// aligned cache line): the connection table, see [`crate::conn`].
@@ -193,7 +196,45 @@ const _: () = assert!(core::mem::size_of::<VipMeta>() == 16);
 /// is removed or unhealthy, so connection entries pointing at it miss.
 pub const BACKEND_F_ACTIVE: u8 = 1 << 0;
 
-/// Value of [`MAP_BACKENDS`].
+/// The VIP a backend serves, in the packed form the data path holds a flow
+/// in ([`FlowWords`]): a packet of an established flow is checked against
+/// its backend's copy instead of being looked up in the VIP index.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipMatch {
+    /// The VIP address as [`addr_words`].
+    pub addr: [u64; 2],
+    /// `port | proto << 16 | family << 24` (port in wire order): the bits
+    /// of a flow's last word above its source port.
+    pub l4: u32,
+    /// The VIP's `VIP_F_*` bits (its forwarding mode).
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<VipMatch>() == 24);
+
+impl VipMatch {
+    /// The match of a VIP key with the VIP's flags.
+    #[must_use]
+    pub const fn new(key: &VipKey, flags: u32) -> Self {
+        Self {
+            addr: addr_words(&key.addr),
+            l4: (key.port as u32) | ((key.proto as u32) << 16) | ((key.family as u32) << 24),
+            flags,
+        }
+    }
+
+    /// Whether `flow` is addressed to this VIP (address, port, protocol and
+    /// family all equal).
+    #[inline(always)]
+    #[must_use]
+    pub const fn matches(&self, flow: &FlowWords) -> bool {
+        (flow.0[4] >> 16) as u32 == self.l4
+            && flow.0[2] == self.addr[0]
+            && flow.0[3] == self.addr[1]
+    }
+}
+
+/// Value of [`MAP_BACKENDS`]: one 64-byte cache line.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backend {
@@ -210,8 +251,12 @@ pub struct Backend {
     pub generation: u32,
     /// VIP this backend id belongs to.
     pub vip_id: u32,
+    /// That VIP's key and forwarding mode (an id belongs to one VIP key for
+    /// its whole life; the mode is rewritten when the VIP's changes).
+    pub vip: VipMatch,
+    pub _pad: u64,
 }
-const _: () = assert!(core::mem::size_of::<Backend>() == 32);
+const _: () = assert!(core::mem::size_of::<Backend>() == 64);
 
 /// Value of [`MAP_CONFIG`] (index 0).
 #[repr(C)]
@@ -258,4 +303,54 @@ mod pod {
     unsafe impl aya::Pod for super::TrafficCounters {}
     unsafe impl aya::Pod for crate::flow::FlowKey {}
     unsafe impl aya::Pod for crate::vip_index::VipSlot {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flow::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
+
+    /// A backend's VIP match accepts exactly the flows addressed to its VIP:
+    /// any other address, port, protocol or family is refused, whatever the
+    /// source.
+    #[test]
+    fn vip_match_is_exact() {
+        let v4 = VipKey {
+            addr: [0x0100_12c6, 0, 0, 0],
+            port: 80u16.to_be(),
+            proto: PROTO_TCP,
+            family: FAMILY_V4,
+        };
+        let v6 = VipKey {
+            addr: [0xb80d_0120, 0, 0, 0x0100_0000],
+            port: 443u16.to_be(),
+            proto: PROTO_UDP,
+            family: FAMILY_V6,
+        };
+        for key in [v4, v6] {
+            let m = VipMatch::new(&key, VIP_F_IPIP);
+            let flow = |dst: &[u32; 4], port: u16, proto: u8, family: u8| {
+                FlowWords::new(
+                    [0x0a00_0001, 7],
+                    addr_words(dst),
+                    40000u16.to_be(),
+                    port,
+                    proto,
+                    family,
+                )
+            };
+            assert!(m.matches(&flow(&key.addr, key.port, key.proto, key.family)));
+            let mut other = key.addr;
+            other[3] ^= 1;
+            assert!(!m.matches(&flow(&other, key.port, key.proto, key.family)));
+            let mut other = key.addr;
+            other[0] ^= 0x100;
+            assert!(!m.matches(&flow(&other, key.port, key.proto, key.family)));
+            assert!(!m.matches(&flow(&key.addr, key.port ^ 1, key.proto, key.family)));
+            assert!(!m.matches(&flow(&key.addr, 0, key.proto, key.family)));
+            assert!(!m.matches(&flow(&key.addr, key.port, key.proto ^ 0x17, key.family)));
+            assert!(!m.matches(&flow(&key.addr, key.port, key.proto, key.family ^ 2)));
+            assert_eq!(m.flags, VIP_F_IPIP);
+        }
+    }
 }

@@ -21,7 +21,7 @@ use crate::{
         ETH_P_IP, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, L3, addresses, parse_ipv4, parse_ipv6, parse_l2,
         ptr_at,
     },
-    select::{self, Chosen},
+    select::{self, Chosen, Conn},
 };
 
 const TCP_FLAG_SYN: u8 = 0x02;
@@ -81,27 +81,54 @@ fn for_l3<const V6: bool>(ctx: &XdpContext, l3: &L3) -> Result<Outcome, Outcome>
     // SAFETY: bounds checked by ptr_at.
     let [sport, dport] = unsafe { *ports };
     let key = FlowWords::new(src, dst, sport, dport, l3.proto, l3.family);
+    let syn = transport(ctx, l3).ok_or_else(|| bad_transport(&key))?;
+    // An established flow's entry names its backend, and the backend its
+    // VIP: no VIP index lookup for such packets.
+    let conn = Conn::find(&key);
+    if !syn && let Some(chosen) = conn.established(&key) {
+        return Ok(forward(ctx, l3, &chosen, &key));
+    }
     let meta =
         find_vip(&dst, dport, l3.proto, l3.family).ok_or(Outcome::pass(STAT_PASS_NOT_VIP))?;
     if meta.flags & VIP_F_FRAG_ALIAS != 0 {
         // Port 0 is never a VIP port; the entry only routes fragments.
         return Err(Outcome::pass(STAT_PASS_NOT_VIP));
     }
-    let syn = if l3.proto == PROTO_TCP {
-        let hdr = ptr_at::<[u8; TCP_MIN_HLEN]>(ctx, l3.l4_off).ok_or_else(|| drop_l4())?;
+    let cfg = config()?;
+    let chosen = conn.new_flow(&meta, &key, cfg.hash_seed, syn)?;
+    Ok(forward(ctx, l3, &chosen, &key))
+}
+
+/// Checks the transport header past the ports: `Some(true)` for a TCP SYN
+/// (without ACK), `Some(false)` for other TCP and for UDP, `None` for a
+/// truncated header or a TCP data offset below 5.
+#[inline(always)]
+fn transport(ctx: &XdpContext, l3: &L3) -> Option<bool> {
+    if l3.proto == PROTO_TCP {
+        let hdr = ptr_at::<[u8; TCP_MIN_HLEN]>(ctx, l3.l4_off)?;
         // SAFETY: bounds checked by ptr_at.
         let (doff, flags) = unsafe { ((*hdr)[12] >> 4, (*hdr)[13]) };
         if doff < 5 {
-            return Err(drop_l4());
+            return None;
         }
-        flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
+        Some(flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN)
     } else {
-        ptr_at::<[u8; UDP_HLEN]>(ctx, l3.l4_off).ok_or_else(|| drop_l4())?;
-        false
-    };
-    let cfg = config()?;
-    let chosen = select::for_flow(&meta, &key, cfg.hash_seed, syn)?;
-    Ok(forward(ctx, l3, &meta, &chosen, &key, cfg))
+        ptr_at::<[u8; UDP_HLEN]>(ctx, l3.l4_off)?;
+        Some(false)
+    }
+}
+
+/// A broken transport header (past the ports): dropped and counted if the
+/// packet is for a VIP, passed otherwise.
+#[cold]
+#[inline(never)]
+fn bad_transport(key: &FlowWords) -> Outcome {
+    let w = key.0[4];
+    let (dport, proto, family) = ((w >> 16) as u16, (w >> 32) as u8, (w >> 40) as u8);
+    match find_vip(&key.dst(), dport, proto, family) {
+        Some(meta) if meta.flags & VIP_F_FRAG_ALIAS == 0 => drop_l4(),
+        _ => Outcome::pass(STAT_PASS_NOT_VIP),
+    }
 }
 
 /// The VIP address prefilter: false means "certainly not a VIP address".
@@ -172,7 +199,7 @@ fn fragment(ctx: &XdpContext, l3: &L3, key: &FlowWords) -> Result<Outcome, Outco
     let key = key.without_ports();
     let cfg = config()?;
     let chosen = select::from_ring(&meta, &key, cfg.hash_seed)?;
-    Ok(forward(ctx, l3, &meta, &chosen, &key, cfg))
+    Ok(forward(ctx, l3, &chosen, &key))
 }
 
 /// ICMP "fragmentation needed" / ICMPv6 "packet too big" about a VIP flow:
@@ -237,7 +264,7 @@ fn icmp(ctx: &XdpContext, l3: &L3) -> Result<Outcome, Outcome> {
     count(STAT_ICMP_PTB);
     let cfg = config()?;
     let chosen = select::lookup_only(&meta, &key, cfg.hash_seed)?;
-    Ok(forward(ctx, l3, &meta, &chosen, &key, cfg))
+    Ok(forward(ctx, l3, &chosen, &key))
 }
 
 #[cold]
@@ -247,28 +274,29 @@ fn bad_quote() -> Outcome {
     Outcome::pass(STAT_PASS_MALFORMED)
 }
 
+/// Sends the packet to the chosen backend in its VIP's forwarding mode, and
+/// counts it for the VIP and the backend.
 #[inline(always)]
-fn forward(
-    ctx: &XdpContext,
-    l3: &L3,
-    meta: &VipMeta,
-    chosen: &Chosen,
-    key: &FlowWords,
-    cfg: &GlobalConfig,
-) -> Outcome {
+fn forward(ctx: &XdpContext, l3: &L3, chosen: &Chosen, key: &FlowWords) -> Outcome {
+    let backend = chosen.backend;
     // Counted before forwarding changes the frame, credited only if sent.
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let outcome = if meta.flags & VIP_F_IPIP != 0 {
-        let hash = match chosen.hash {
-            Some(h) => h,
-            None => flow_hash_words(key, cfg.hash_seed),
-        };
-        forward::ipip(ctx, l3, chosen.backend, hash, cfg)
+    let outcome = if backend.vip.flags & VIP_F_IPIP != 0 {
+        match config() {
+            Ok(cfg) => {
+                let hash = match chosen.hash {
+                    Some(h) => h,
+                    None => flow_hash_words(key, cfg.hash_seed),
+                };
+                forward::ipip(ctx, l3, backend, hash, cfg)
+            }
+            Err(o) => o,
+        }
     } else {
-        forward::dsr(ctx, chosen.backend)
+        forward::dsr(ctx, backend)
     };
     if outcome.action != xdp_action::XDP_DROP {
-        count_traffic(&VIP_STATS, meta.vip_id, bytes, chosen.new_flow);
+        count_traffic(&VIP_STATS, backend.vip_id, bytes, chosen.new_flow);
         count_traffic(&BACKEND_STATS, chosen.id, bytes, chosen.new_flow);
     }
     outcome

@@ -36,8 +36,10 @@ pub static RINGS: ArrayOfMaps<Ring, { MAX_RINGS as usize }> = ArrayOfMaps::new()
 #[btf_map]
 pub static RING_LIVE: Array<u32, { MAX_VIPS as usize }> = Array::new();
 
+/// Memory-mappable only so that every entry is one aligned cache line.
 #[btf_map]
-pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
+pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }, { BPF_F_MMAPABLE as usize }> =
+    Array::new();
 
 /// The connection table (see `lb_common::conn`); the loader sets its
 /// size. Memory-mappable only so that the kernel page-aligns the values:

@@ -119,16 +119,18 @@ impl Slot {
     }
 }
 
-/// The backend a connection-table way names, if it is still an active
-/// backend of this VIP of the way's generation (a reused id never captures
-/// an old flow).
+/// The backend a connection-table way names, if it is still active with
+/// the way's generation (a reused id never captures an old flow) and
+/// serves the VIP the flow `key` is addressed to (a tag shared with another
+/// flow never moves a packet to another VIP, or captures one that is not
+/// for a VIP).
 #[inline(always)]
-fn entry_backend(way: u64, meta: &VipMeta) -> Option<Chosen> {
+fn entry_backend(way: u64, key: &FlowWords) -> Option<Chosen> {
     let id = way_backend(way);
     let b = BACKENDS.get(id)?;
     if b.flags & BACKEND_F_ACTIVE != 0
         && way_generation_matches(way, b.generation)
-        && b.vip_id == meta.vip_id
+        && b.vip.matches(key)
     {
         Some(Chosen {
             id,
@@ -141,47 +143,74 @@ fn entry_backend(way: u64, meta: &VipMeta) -> Option<Chosen> {
     }
 }
 
-/// The backend of an established flow from its connection entry.
-#[inline(always)]
-fn from_slot(slot: &Slot, meta: &VipMeta) -> Option<Chosen> {
-    if slot.way >= CONN_WAYS {
-        return None;
-    }
-    let chosen = entry_backend(slot.value, meta);
-    count(if chosen.is_some() {
-        STAT_CONN_HIT
-    } else {
-        STAT_CONN_STALE
-    });
-    chosen
-}
+/// A flow's place in the connection table (`None`: the table is missing,
+/// a loader fault; flows are then not pinned).
+pub struct Conn(Option<Slot>);
 
-/// Established flow → its backend; otherwise a new pick that is recorded in
-/// the connection table. A TCP SYN always takes a fresh pick: it starts a
-/// new connection even when the 5-tuple is reused.
-#[inline(always)]
-pub fn for_flow(meta: &VipMeta, key: &FlowWords, seed: u32, syn: bool) -> Result<Chosen, Outcome> {
-    let Some(slot) = Slot::find(key) else {
-        count(STAT_CONN_INSERT_FAIL);
-        return from_ring(meta, key, seed);
-    };
-    if !syn && let Some(chosen) = from_slot(&slot, meta) {
+impl Conn {
+    #[inline(always)]
+    pub fn find(key: &FlowWords) -> Self {
+        Self(Slot::find(key))
+    }
+
+    /// The backend of an established flow, found without the VIP index:
+    /// the entry's backend carries its VIP's key. `None` for a flow without
+    /// a (valid) entry, which then goes through [`Conn::new_flow`].
+    #[inline(always)]
+    pub fn established(&self, key: &FlowWords) -> Option<Chosen> {
+        let slot = self.0.as_ref()?;
+        if slot.way >= CONN_WAYS {
+            return None;
+        }
+        let chosen = entry_backend(slot.value, key)?;
+        count(STAT_CONN_HIT);
         if slot.way != 0 {
             slot.put_front(slot.value);
         }
-        return Ok(chosen);
+        Some(chosen)
     }
-    count(STAT_CONN_MISS);
-    let chosen = from_ring(meta, key, seed)?;
-    slot.put_front(conn_way(slot.tag, chosen.id, chosen.backend.generation));
-    Ok(chosen)
+
+    /// A new pick from the VIP's lookup table, recorded in the connection
+    /// table. For a packet that is not a SYN, an entry that names the flow
+    /// here failed [`Conn::established`]'s checks: it is counted stale.
+    #[inline(always)]
+    pub fn new_flow(
+        &self,
+        meta: &VipMeta,
+        key: &FlowWords,
+        seed: u32,
+        syn: bool,
+    ) -> Result<Chosen, Outcome> {
+        let Some(slot) = self.0.as_ref() else {
+            count(STAT_CONN_INSERT_FAIL);
+            return from_ring(meta, key, seed);
+        };
+        if !syn && slot.way < CONN_WAYS {
+            count(STAT_CONN_STALE);
+        }
+        count(STAT_CONN_MISS);
+        let chosen = from_ring(meta, key, seed)?;
+        slot.put_front(conn_way(slot.tag, chosen.id, chosen.backend.generation));
+        Ok(chosen)
+    }
 }
 
 /// For packets that must follow an existing flow but never create one
 /// (ICMP errors): the connection entry if any, else the lookup table.
 #[inline(always)]
 pub fn lookup_only(meta: &VipMeta, key: &FlowWords, seed: u32) -> Result<Chosen, Outcome> {
-    let found = Slot::find(key).and_then(|slot| from_slot(&slot, meta));
+    let found = Slot::find(key).and_then(|slot| {
+        if slot.way >= CONN_WAYS {
+            return None;
+        }
+        let chosen = entry_backend(slot.value, key);
+        count(if chosen.is_some() {
+            STAT_CONN_HIT
+        } else {
+            STAT_CONN_STALE
+        });
+        chosen
+    });
     match found {
         Some(chosen) => Ok(chosen),
         None => from_ring(meta, key, seed),

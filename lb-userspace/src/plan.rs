@@ -11,7 +11,7 @@ use std::{
 use lb_common::{
     BACKEND_F_ACTIVE, BACKEND_NONE, Backend, FAMILY_V4, FAMILY_V6, GlobalConfig, MAX_BACKENDS,
     MAX_RING_SIZE, MAX_VIPS, VIP_F_FRAG_ALIAS, VIP_F_IPIP, VIP_F_SRC_AFFINITY, VIP_FILTER_WORDS,
-    VipKey, VipMeta, vip_filter_bit,
+    VipKey, VipMatch, VipMeta, vip_filter_bit,
 };
 use serde::{Deserialize, Serialize};
 
@@ -371,6 +371,14 @@ fn plan_vip(
             vip: id,
             max: MAX_VIPS,
         })?;
+    let mut vip_flags = 0;
+    if vip.mode == ForwardingMode::Ipip {
+        vip_flags |= VIP_F_IPIP;
+    }
+    if vip.hash == HashMode::SourceAddress {
+        vip_flags |= VIP_F_SRC_AFFINITY;
+    }
+    let key = vip_key(&id);
     let first_backend = backends.len();
     let mut maglev_input = Vec::with_capacity(vip.backends.len());
     for b in &vip.backends {
@@ -428,6 +436,8 @@ fn plan_vip(
                 flags,
                 generation,
                 vip_id,
+                vip: VipMatch::new(&key, vip_flags),
+                _pad: 0,
             },
         });
     }
@@ -445,20 +455,13 @@ fn plan_vip(
             .map_err(|source| PlanError::Maglev { vip: id, source })?
             .into(),
     };
-    let mut flags = 0;
-    if vip.mode == ForwardingMode::Ipip {
-        flags |= VIP_F_IPIP;
-    }
-    if vip.hash == HashMode::SourceAddress {
-        flags |= VIP_F_SRC_AFFINITY;
-    }
     Ok(PlannedVip {
         vip: id,
-        key: vip_key(&id),
+        key,
         meta: VipMeta {
             vip_id,
             ring_size: vip.table_size,
-            flags,
+            flags: vip_flags,
             _pad: 0,
         },
         ring_digest: reused.map_or_else(|| maglev::table_digest(&ring), |o| o.ring_digest),
