@@ -407,8 +407,8 @@ fn main() {
     let _ = writeln!(
         md,
         "\nWhat dominates (differences of medians): parse + VIP address filter ≈ {:.0} ns (non-VIP − floor); \
-         VIP index lookup + connection-table hit + counters + MAC rewrite ≈ {:.0} ns (established − non-VIP); \
-         connection-table miss + flow hash finish + Maglev slot ≈ {:.0} ns (ICMP unknown flow − established); \
+         connection-table hit + the backend's VIP match + counters + MAC rewrite ≈ {:.0} ns (established − non-VIP); \
+         connection-table miss + VIP index lookup + flow hash + Maglev slot ≈ {:.0} ns (ICMP unknown flow − established); \
          connection-table insert ≈ {:.0} ns (new flow − ICMP unknown flow: stores into the bucket line the miss \
          already loaded; the ICMP class also parses the quoted header, so this can come out below 0). The miss is one random access into the connection table ({} flows, {} KiB of \
          64-byte buckets); on this VM its cost grows with the table size (compare --conn-capacity 8192).",
