@@ -81,7 +81,7 @@ fn for_l3<const V6: bool>(ctx: &XdpContext, l3: &L3) -> Result<Outcome, Outcome>
     // SAFETY: bounds checked by ptr_at.
     let [sport, dport] = unsafe { *ports };
     let key = FlowWords::new(src, dst, sport, dport, l3.proto, l3.family);
-    let syn = transport(ctx, l3).ok_or_else(|| bad_transport(&key))?;
+    let syn = transport(ctx, l3).ok_or_else(|| bad_transport(&dst, dport, l3.proto, l3.family))?;
     // An established flow's entry names its backend, and the backend its
     // VIP: no VIP index lookup for such packets.
     let conn = Conn::find(&key);
@@ -89,11 +89,7 @@ fn for_l3<const V6: bool>(ctx: &XdpContext, l3: &L3) -> Result<Outcome, Outcome>
         return Ok(forward(ctx, l3, &chosen, &key));
     }
     let meta =
-        find_vip(&dst, dport, l3.proto, l3.family).ok_or(Outcome::pass(STAT_PASS_NOT_VIP))?;
-    if meta.flags & VIP_F_FRAG_ALIAS != 0 {
-        // Port 0 is never a VIP port; the entry only routes fragments.
-        return Err(Outcome::pass(STAT_PASS_NOT_VIP));
-    }
+        port_vip(&dst, dport, l3.proto, l3.family).ok_or(Outcome::pass(STAT_PASS_NOT_VIP))?;
     let cfg = config()?;
     let chosen = conn.new_flow(&meta, &key, cfg.hash_seed, syn)?;
     Ok(forward(ctx, l3, &chosen, &key))
@@ -122,12 +118,11 @@ fn transport(ctx: &XdpContext, l3: &L3) -> Option<bool> {
 /// packet is for a VIP, passed otherwise.
 #[cold]
 #[inline(never)]
-fn bad_transport(key: &FlowWords) -> Outcome {
-    let w = key.0[4];
-    let (dport, proto, family) = ((w >> 16) as u16, (w >> 32) as u8, (w >> 40) as u8);
-    match find_vip(&key.dst(), dport, proto, family) {
-        Some(meta) if meta.flags & VIP_F_FRAG_ALIAS == 0 => drop_l4(),
-        _ => Outcome::pass(STAT_PASS_NOT_VIP),
+fn bad_transport(dst: &[u64; 2], dport: u16, proto: u8, family: u8) -> Outcome {
+    if port_vip(dst, dport, proto, family).is_some() {
+        drop_l4()
+    } else {
+        Outcome::pass(STAT_PASS_NOT_VIP)
     }
 }
 
@@ -143,6 +138,14 @@ fn maybe_vip(addr: &[u64; 2]) -> bool {
 #[inline(always)]
 fn config() -> Result<&'static GlobalConfig, Outcome> {
     CONFIG.get(0).ok_or(Outcome::drop(STAT_DROP_NO_CONFIG))
+}
+
+/// The VIP on (address, port, protocol): [`find_vip`] without the fragment
+/// aliases (port 0 is never a VIP port; an alias entry only routes
+/// fragments).
+#[inline(always)]
+fn port_vip(addr: &[u64; 2], port: u16, proto: u8, family: u8) -> Option<VipMeta> {
+    find_vip(addr, port, proto, family).filter(|meta| meta.flags & VIP_F_FRAG_ALIAS == 0)
 }
 
 /// The VIP entry of (address, port, protocol), from the live table of the
@@ -257,10 +260,7 @@ fn icmp(ctx: &XdpContext, l3: &L3) -> Result<Outcome, Outcome> {
     // Swapped back into the client → VIP direction.
     let key = FlowWords::new(src, dst, quoted_dport, quoted_sport, proto, l3.family);
     let meta =
-        find_vip(&dst, quoted_sport, proto, l3.family).ok_or(Outcome::pass(STAT_PASS_NOT_VIP))?;
-    if meta.flags & VIP_F_FRAG_ALIAS != 0 {
-        return Err(Outcome::pass(STAT_PASS_NOT_VIP));
-    }
+        port_vip(&dst, quoted_sport, proto, l3.family).ok_or(Outcome::pass(STAT_PASS_NOT_VIP))?;
     count(STAT_ICMP_PTB);
     let cfg = config()?;
     let chosen = select::lookup_only(&meta, &key, cfg.hash_seed)?;

@@ -102,6 +102,22 @@ impl Slot {
         Some(slot)
     }
 
+    /// Whether a way holds the flow's tag.
+    #[inline(always)]
+    fn has_entry(&self) -> bool {
+        self.way < CONN_WAYS
+    }
+
+    /// The backend of the way holding the flow's tag, if there is one and
+    /// it passes [`entry_backend`]'s checks.
+    #[inline(always)]
+    fn backend(&self, key: &FlowWords) -> Option<Chosen> {
+        if !self.has_entry() {
+            return None;
+        }
+        entry_backend(self.value, key)
+    }
+
     /// Puts `value` in the bucket's first way, moving the ways in front of
     /// this flow's (all of them if it has none, dropping the last) back by
     /// one: the bucket stays in most-recently-used order.
@@ -159,10 +175,7 @@ impl Conn {
     #[inline(always)]
     pub fn established(&self, key: &FlowWords) -> Option<Chosen> {
         let slot = self.0.as_ref()?;
-        if slot.way >= CONN_WAYS {
-            return None;
-        }
-        let chosen = entry_backend(slot.value, key)?;
+        let chosen = slot.backend(key)?;
         count(STAT_CONN_HIT);
         if slot.way != 0 {
             slot.put_front(slot.value);
@@ -185,7 +198,7 @@ impl Conn {
             count(STAT_CONN_INSERT_FAIL);
             return from_ring(meta, key, seed);
         };
-        if !syn && slot.way < CONN_WAYS {
+        if !syn && slot.has_entry() {
             count(STAT_CONN_STALE);
         }
         count(STAT_CONN_MISS);
@@ -199,11 +212,8 @@ impl Conn {
 /// (ICMP errors): the connection entry if any, else the lookup table.
 #[inline(always)]
 pub fn lookup_only(meta: &VipMeta, key: &FlowWords, seed: u32) -> Result<Chosen, Outcome> {
-    let found = Slot::find(key).and_then(|slot| {
-        if slot.way >= CONN_WAYS {
-            return None;
-        }
-        let chosen = entry_backend(slot.value, key);
+    let found = Slot::find(key).filter(Slot::has_entry).and_then(|slot| {
+        let chosen = slot.backend(key);
         count(if chosen.is_some() {
             STAT_CONN_HIT
         } else {
