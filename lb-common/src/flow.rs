@@ -77,7 +77,7 @@ impl FlowKey {
         }
     }
 
-    /// The key as the five 64-bit words [`flow_mix`] absorbs.
+    /// The key as the five 64-bit words [`flow_hash`] absorbs.
     #[inline(always)]
     #[must_use]
     pub const fn packed(&self) -> FlowWords {
@@ -188,8 +188,7 @@ const fn absorb(h: u64, v: u64) -> u64 {
 /// MurmurHash3's 64-bit finaliser (`fmix64`): a bijection in which every
 /// input bit affects every output bit with probability close to one half.
 #[inline(always)]
-#[must_use]
-pub const fn fmix64(mut h: u64) -> u64 {
+const fn fmix64(mut h: u64) -> u64 {
     h ^= h >> 33;
     h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
     h ^= h >> 33;
@@ -197,52 +196,29 @@ pub const fn fmix64(mut h: u64) -> u64 {
     h ^ (h >> 33)
 }
 
-/// The key's five 64-bit words absorbed into a 64-bit state with the
-/// fleet's seed. Not itself a hash: [`flow_hash`] finishes it. (The
-/// connection table places flows by its own node-local
-/// [`crate::conn_hash`], so an established flow's packet never pays for
-/// this chain of dependent multiplies.)
+/// The flow hash: the key's five 64-bit words absorbed with the fleet's
+/// seed, finished by `fmix64` and folded to 32 bits.
 #[inline(always)]
 #[must_use]
-pub const fn flow_mix(key: &FlowKey, seed: u32) -> u64 {
-    flow_mix_words(&key.packed(), seed)
+pub const fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
+    flow_hash_words(&key.packed(), seed)
 }
 
-/// [`flow_mix`] of a packed key.
+/// [`flow_hash`] of a packed key. Unrolled by hand so that the BPF code is
+/// straight-line on every optimisation level. (The connection table places
+/// flows by its own node-local [`crate::conn_hash`], so an established
+/// flow's packet never pays for this chain of dependent multiplies.)
 #[inline(always)]
 #[must_use]
-pub const fn flow_mix_words(key: &FlowWords, seed: u32) -> u64 {
+pub const fn flow_hash_words(key: &FlowWords, seed: u32) -> u32 {
     let w = &key.0;
     let mut h = K_START ^ seed as u64;
     h = absorb(h, w[0]);
     h = absorb(h, w[1]);
     h = absorb(h, w[2]);
     h = absorb(h, w[3]);
-    absorb(h, w[4])
-}
-
-/// The flow hash of a [`flow_mix`] state.
-#[inline(always)]
-#[must_use]
-pub const fn flow_hash_of_mix(mix: u64) -> u32 {
-    let h = fmix64(mix);
+    h = fmix64(absorb(h, w[4]));
     (h ^ (h >> 32)) as u32
-}
-
-/// The flow hash: the key's words absorbed with the fleet's seed
-/// ([`flow_mix`]), finished by `fmix64` and folded to 32 bits. Unrolled by
-/// hand so that the BPF code is straight-line on every optimisation level.
-#[inline(always)]
-#[must_use]
-pub const fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
-    flow_hash_of_mix(flow_mix(key, seed))
-}
-
-/// [`flow_hash`] of a packed key.
-#[inline(always)]
-#[must_use]
-pub const fn flow_hash_words(key: &FlowWords, seed: u32) -> u32 {
-    flow_hash_of_mix(flow_mix_words(key, seed))
 }
 
 /// The lookup-table slot a hash selects in a table of `ring_size` slots.

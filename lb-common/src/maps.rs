@@ -196,6 +196,15 @@ const _: () = assert!(core::mem::size_of::<VipMeta>() == 16);
 /// is removed or unhealthy, so connection entries pointing at it miss.
 pub const BACKEND_F_ACTIVE: u8 = 1 << 0;
 
+/// A VIP key's port (wire order), protocol and family as one word: `port |
+/// proto << 16 | family << 24`, the bits of a packed flow's last word
+/// above its source port ([`FlowWords`]).
+#[inline(always)]
+#[must_use]
+pub const fn vip_l4_word(port: u16, proto: u8, family: u8) -> u32 {
+    (port as u32) | ((proto as u32) << 16) | ((family as u32) << 24)
+}
+
 /// The VIP a backend serves, in the packed form the data path holds a flow
 /// in ([`FlowWords`]): a packet of an established flow is checked against
 /// its backend's copy instead of being looked up in the VIP index.
@@ -204,8 +213,7 @@ pub const BACKEND_F_ACTIVE: u8 = 1 << 0;
 pub struct VipMatch {
     /// The VIP address as [`addr_words`].
     pub addr: [u64; 2],
-    /// `port | proto << 16 | family << 24` (port in wire order): the bits
-    /// of a flow's last word above its source port.
+    /// The VIP's [`vip_l4_word`].
     pub l4: u32,
     /// The VIP's `VIP_F_*` bits (its forwarding mode).
     pub flags: u32,
@@ -218,7 +226,7 @@ impl VipMatch {
     pub const fn new(key: &VipKey, flags: u32) -> Self {
         Self {
             addr: addr_words(&key.addr),
-            l4: (key.port as u32) | ((key.proto as u32) << 16) | ((key.family as u32) << 24),
+            l4: vip_l4_word(key.port, key.proto, key.family),
             flags,
         }
     }

@@ -14,7 +14,7 @@
 //! of VIPs or the new one, never a slot being written. The half that was
 //! live is written again only after an RCU grace period.
 
-use crate::maps::{MAX_VIP_KEYS, VipKey, VipMeta, addr_words};
+use crate::maps::{MAX_VIP_KEYS, VipKey, VipMeta, addr_words, vip_l4_word};
 
 /// Slots of one table: a power of two, four times [`MAX_VIP_KEYS`].
 pub const VIP_INDEX_SLOTS: u32 = 4 * MAX_VIP_KEYS;
@@ -88,7 +88,7 @@ pub const fn vip_index_home_of(
         ^ ((w0 >> 32) as u32).rotate_left(8)
         ^ (w1 as u32).rotate_left(16)
         ^ ((w1 >> 32) as u32).rotate_left(24);
-    let rest = (port as u32) | ((proto as u32) << 16) | ((family as u32) << 24);
+    let rest = vip_l4_word(port, proto, family);
     let x = (folded as u64) | ((rest as u64) << 32);
     let h =
         (x ^ (salt as u64).wrapping_mul(0xc2b2_ae3d_27d4_eb4f)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
