@@ -326,16 +326,20 @@ fn main() {
     let mut live_ceiling = Vec::new();
     let mut live_ratios = Vec::new();
     for run in 0..args.live_runs.max(1) {
-        let (ceiling, lb) = if run % 2 == 0 {
-            let c = live_frames(PROG_BENCH_MACSWAP, &live_packet, args.live_frames);
-            (c, live_frames(PROG_LB, &live_packet, args.live_frames))
+        let order = if run % 2 == 0 {
+            [PROG_BENCH_MACSWAP, PROG_LB]
         } else {
-            let l = live_frames(PROG_LB, &live_packet, args.live_frames);
-            (
-                live_frames(PROG_BENCH_MACSWAP, &live_packet, args.live_frames),
-                l,
-            )
+            [PROG_LB, PROG_BENCH_MACSWAP]
         };
+        let (mut ceiling, mut lb) = (0.0, 0.0);
+        for prog in order {
+            let pps = live_frames(prog, &live_packet, args.live_frames);
+            if prog == PROG_LB {
+                lb = pps;
+            } else {
+                ceiling = pps;
+            }
+        }
         live_ceiling.push(ceiling);
         live_lb.push(lb);
         live_ratios.push(lb / ceiling);
