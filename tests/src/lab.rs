@@ -618,9 +618,10 @@ impl LabNet {
     }
 
     /// `n` TCP requests and `n` UDP exchanges (each its own flow) to `vip`
-    /// in family `fam`, split evenly over the clients; UDP source ports
-    /// start at `udp_base`.
-    pub fn traffic(&self, fam: Family, vip: IpAddr, n: usize, udp_base: u16) -> (Batch, Batch) {
+    /// in family `fam`, split evenly over the clients. Each client's TCP
+    /// and UDP source ports are `base`, `base + 1`, ...: the flows, and so
+    /// the backends they land on, are the same on every run.
+    pub fn traffic(&self, fam: Family, vip: IpAddr, n: usize, base: u16) -> (Batch, Batch) {
         let clients = self.clients();
         let per = n / clients.len();
         let (mut tcp, mut udp) = (Batch::default(), Batch::default());
@@ -633,10 +634,15 @@ impl LabNet {
             };
             let (t, u) = ns.in_netns(|| {
                 (
-                    batch(per, |_| tcp_request(SocketAddr::new(vip, TCP_PORT))),
+                    batch(per, |i| {
+                        tcp_request_from(
+                            SocketAddr::new(from, base + i as u16),
+                            SocketAddr::new(vip, TCP_PORT),
+                        )
+                    }),
                     batch(per, |i| {
                         udp_request(
-                            SocketAddr::new(from, udp_base + i as u16),
+                            SocketAddr::new(from, base + i as u16),
                             SocketAddr::new(vip, UDP_PORT),
                         )
                     }),
@@ -922,8 +928,33 @@ impl Batch {
     }
 }
 
+/// One TCP request from an ephemeral port.
 pub fn tcp_request(to: SocketAddr) -> Result<(u16, String), String> {
-    let mut s = TcpStream::connect_timeout(&to, IO_TIMEOUT).map_err(|e| format!("connect: {e}"))?;
+    let s = TcpStream::connect_timeout(&to, IO_TIMEOUT).map_err(|e| format!("connect: {e}"))?;
+    exchange(s)
+}
+
+/// One TCP request from a fixed source address and port, so that which
+/// backend answers is the same on every run (a batch of these is a fixed
+/// set of flows, not a random sample).
+pub fn tcp_request_from(from: SocketAddr, to: SocketAddr) -> Result<(u16, String), String> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(|e| format!("socket: {e}"))?;
+    sock.set_reuse_address(true)
+        .map_err(|e| format!("SO_REUSEADDR: {e}"))?;
+    sock.bind(&from.into())
+        .map_err(|e| format!("bind {from}: {e}"))?;
+    sock.connect_timeout(&to.into(), IO_TIMEOUT)
+        .map_err(|e| format!("port {}: connect: {e}", from.port()))?;
+    exchange(sock.into())
+}
+
+/// Sends the question on a connected stream and reads the backend's name.
+fn exchange(mut s: TcpStream) -> Result<(u16, String), String> {
     let port = s
         .local_addr()
         .map_err(|e| format!("local_addr: {e}"))?

@@ -154,16 +154,18 @@ fn load_prog<'a>(dp: &'a mut Datapath, name: &str) -> &'a mut Xdp {
 
 /// Live frames: a generator (`bench_macswap` run through BPF_PROG_TEST_RUN
 /// with BPF_F_TEST_XDP_LIVE_FRAMES) transmits `frames` copies of `packet`
-/// out of veth `gen`; the program under test, attached to the peer `dut`,
-/// sends them back with XDP_TX; `bench_sink` on `gen` counts what returns.
-/// Returns frames returned per second of wall time.
+/// out of veth `gen` in one namespace; the program under test, attached to
+/// the peer `dut` in a second namespace, sends them back with XDP_TX;
+/// `bench_sink` on `gen` counts what returns. Returns frames returned per
+/// second of wall time.
 fn live_frames(dut_prog: &str, packet: &[u8], frames: u32) -> f64 {
-    let ns = NetNs::new("lbbench");
-    veth(&ns, "gen", &ns, "dut");
-    ns.up("gen");
-    ns.up("dut");
+    let gen_ns = NetNs::new("lbbench-gen");
+    let dut_ns = NetNs::new("lbbench-dut");
+    veth(&gen_ns, "gen", &dut_ns, "dut");
+    gen_ns.up("gen");
+    dut_ns.up("dut");
     let dut_prog = dut_prog.to_owned();
-    ns.in_netns(|| {
+    dut_ns.in_netns(|| {
         let mut dut = Datapath::load(LoadOptions::default()).expect("load");
         let plan = plan::plan(&scenario::standard(10), &IdAllocator::default()).expect("plan");
         dut.apply(&plan).expect("apply");
@@ -175,37 +177,45 @@ fn live_frames(dut_prog: &str, packet: &[u8], frames: u32) -> f64 {
                 .attach("dut", XdpMode::Driver)
                 .expect("attach dut program");
         }
-        let mut side = Datapath::load(LoadOptions {
-            conn_table_capacity: 16,
-            pin_dir: None,
-        })
-        .expect("load");
-        load_prog(&mut side, PROG_BENCH_SINK)
-            .attach("gen", XdpMode::Driver)
-            .expect("attach sink");
-        let gen_ifindex = ns.ifindex("gen");
-        let generator = load_prog(&mut side, PROG_BENCH_MACSWAP);
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
-        // The kernel wants data_end = the packet's length, data = data_meta = 0.
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
-        ctx[12..16].copy_from_slice(&gen_ifindex.to_ne_bytes());
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(packet);
-        opts.ctx_in = Some(&ctx);
-        opts.repeat = frames;
-        opts.attrs = TestRunAttrs::new().xdp_live_frames(64);
-        let t = Instant::now();
-        generator.test_run(opts).expect("live-frame test run");
-        // Let the receiving NAPI drain.
-        std::thread::sleep(Duration::from_millis(50));
-        let elapsed = t.elapsed().as_secs_f64() - 0.05;
-        let counts: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(side.ebpf_mut().map(MAP_BENCH_COUNT).expect("count map"))
-                .expect("map");
-        let returned: u64 = counts.get(&0, 0).expect("read count").iter().sum();
-        returned as f64 / elapsed
+        // The program stays attached (`dut` lives) while the generator
+        // runs in the other namespace.
+        gen_ns.in_netns(|| generate(&gen_ns, packet, frames))
     })
+}
+
+/// The generator side of [`live_frames`], run inside the generator's
+/// namespace (a live-frame test run resolves its interface there).
+fn generate(gen_ns: &NetNs, packet: &[u8], frames: u32) -> f64 {
+    let mut side = Datapath::load(LoadOptions {
+        conn_table_capacity: 16,
+        pin_dir: None,
+    })
+    .expect("load");
+    load_prog(&mut side, PROG_BENCH_SINK)
+        .attach("gen", XdpMode::Driver)
+        .expect("attach sink");
+    let gen_ifindex = gen_ns.ifindex("gen");
+    let generator = load_prog(&mut side, PROG_BENCH_MACSWAP);
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+    // The kernel wants data_end = the packet's length, data = data_meta = 0.
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&gen_ifindex.to_ne_bytes());
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(packet);
+    opts.ctx_in = Some(&ctx);
+    opts.repeat = frames;
+    opts.attrs = TestRunAttrs::new().xdp_live_frames(64);
+    let t = Instant::now();
+    generator.test_run(opts).expect("live-frame test run");
+    // Let the receiving NAPI drain.
+    std::thread::sleep(Duration::from_millis(50));
+    let elapsed = t.elapsed().as_secs_f64() - 0.05;
+    let counts: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(side.ebpf_mut().map(MAP_BENCH_COUNT).expect("count map"))
+            .expect("map");
+    let returned: u64 = counts.get(&0, 0).expect("read count").iter().sum();
+    returned as f64 / elapsed
 }
 
 #[expect(
@@ -425,7 +435,7 @@ fn main() {
     );
     let _ = writeln!(
         md,
-        "\nLive frames ({} frames per program and run, generator → veth → program under test → XDP_TX back → counting sink; {} runs, each a back-to-back pair of the two programs in alternating order):\n\n| program | Mpps (median) | runs (Mpps) |\n|---|---:|---|\n| MAC swap + XDP_TX (ceiling) | {:.2} | {} |\n| xdp_lb, established TCP, DSR | {:.2} | {} |\n\nxdp_lb reaches **{:.0}%** of the ceiling (median of the runs' ratios; runs {}; target ≥ 85%).",
+        "\nLive frames ({} frames per program and run, generator in one namespace → veth → program under test in a second namespace → XDP_TX back → counting sink; {} runs, each a back-to-back pair of the two programs in alternating order):\n\n| program | Mpps (median) | runs (Mpps) |\n|---|---:|---|\n| MAC swap + XDP_TX (ceiling) | {:.2} | {} |\n| xdp_lb, established TCP, DSR | {:.2} | {} |\n\nxdp_lb reaches **{:.0}%** of the ceiling (median of the runs' ratios; runs {}; target ≥ 85%).",
         args.live_frames,
         live_lb.len(),
         ceiling_pps / 1e6,
