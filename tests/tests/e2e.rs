@@ -31,9 +31,11 @@ use lb_userspace::model::BackendState;
 
 /// Requests per VIP and protocol (split over the two clients).
 const N: usize = 300;
-/// Allowed |observed − weight share| per backend, in share points. With
-/// 300 requests the standard deviation of a share near 1/3 is about 2.7
-/// points; 9 points is more than 3 of them.
+/// Allowed |observed − weight share| per backend, in share points. The
+/// requests are a fixed set of flows (fixed source ports), so the shares
+/// are the same on every run; 9 points is more than 3 standard deviations
+/// of a share near 1/3 over 300 flows, the spread a hash gives a set of
+/// flows this size.
 const TOLERANCE: f64 = 0.09;
 
 fn ipip_lab(prefix: &str) -> LabNet {
