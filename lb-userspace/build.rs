@@ -27,6 +27,11 @@ fn main() -> anyhow::Result<()> {
         ));
     }
     let ebpf_dir = root.join("lb-ebpf");
+    // The object is linked for BPF ISA v3 (see the script).
+    let linker = ebpf_dir.join("bpf-linker-cpu");
+    println!("cargo:rerun-if-changed={}", linker.display());
+    // SAFETY: as above.
+    unsafe { env::set_var("CARGO_TARGET_BPFEL_UNKNOWN_NONE_LINKER", &linker) };
     let ebpf = Package {
         name: "lb-ebpf",
         root_dir: ebpf_dir.to_str().context("non-UTF-8 path")?,

@@ -66,7 +66,15 @@ pub fn from_ring(meta: &VipMeta, key: &FlowWords, seed: u32) -> Result<Chosen, O
 
 /// A flow's place in the connection table: its bucket, its tag, and the
 /// way that holds its tag (`CONN_WAYS` when none does).
+///
+/// Every field has a value on every path (no `Option` around the slot):
+/// for an undefined value (the payload of a `None`) the compiler may spill
+/// any register, one a helper call just clobbered included, and the
+/// verifier refuses to load a program that reads such a register
+/// ("R1 !read_ok", met with the 32-bit ALU of BPF ISA v3).
 struct Slot {
+    /// Null only if the table is missing (a loader fault; the flow is then
+    /// not pinned).
     bucket: *mut ConnBucket,
     tag: u32,
     way: usize,
@@ -76,19 +84,24 @@ struct Slot {
 
 impl Slot {
     /// Finds the bucket of the flow `key` and, in it, the way holding the
-    /// flow's tag. `None` only if the table is missing (a loader fault; the
-    /// flow is then not pinned).
+    /// flow's tag.
     #[inline(always)]
-    fn find(key: &FlowWords) -> Option<Self> {
-        let params = CONN_PARAMS.get(0)?;
-        let hash = conn_hash(key, params.secret);
-        let bucket = CONN_TABLE.get_ptr_mut(conn_bucket(hash, params.bucket_mask))?;
+    fn find(key: &FlowWords) -> Self {
         let mut slot = Self {
-            bucket,
-            tag: conn_tag(hash),
+            bucket: core::ptr::null_mut(),
+            tag: 0,
             way: CONN_WAYS,
             value: 0,
         };
+        let Some(params) = CONN_PARAMS.get(0) else {
+            return slot;
+        };
+        let hash = conn_hash(key, params.secret);
+        let Some(bucket) = CONN_TABLE.get_ptr_mut(conn_bucket(hash, params.bucket_mask)) else {
+            return slot;
+        };
+        slot.bucket = bucket;
+        slot.tag = conn_tag(hash);
         for i in 0..CONN_WAYS {
             // SAFETY: `bucket` points at a map value of CONN_WAYS u64s; a
             // way is read whole (one aligned 8-byte load).
@@ -99,7 +112,7 @@ impl Slot {
                 break;
             }
         }
-        Some(slot)
+        slot
     }
 
     /// Whether a way holds the flow's tag.
@@ -167,9 +180,8 @@ fn entry_backend(way: u64, key: &FlowWords) -> Option<Chosen> {
     }
 }
 
-/// A flow's place in the connection table (`None`: the table is missing,
-/// a loader fault; flows are then not pinned).
-pub struct Conn(Option<Slot>);
+/// A flow's place in the connection table.
+pub struct Conn(Slot);
 
 impl Conn {
     #[inline(always)]
@@ -182,7 +194,7 @@ impl Conn {
     /// a (valid) entry, which then goes through [`Conn::new_flow`].
     #[inline(always)]
     pub fn established(&self, key: &FlowWords) -> Option<Chosen> {
-        let slot = self.0.as_ref()?;
+        let slot = &self.0;
         let chosen = slot.backend(key)?;
         count(STAT_CONN_HIT);
         if slot.way != 0 {
@@ -202,10 +214,11 @@ impl Conn {
         seed: u32,
         syn: bool,
     ) -> Result<Chosen, Outcome> {
-        let Some(slot) = self.0.as_ref() else {
+        let slot = &self.0;
+        if slot.bucket.is_null() {
             count(STAT_CONN_INSERT_FAIL);
             return from_ring(meta, key, seed);
-        };
+        }
         if !syn && slot.has_entry() {
             count(STAT_CONN_STALE);
         }
@@ -220,7 +233,8 @@ impl Conn {
 /// (ICMP errors): the connection entry if any, else the lookup table.
 #[inline(always)]
 pub fn lookup_only(meta: &VipMeta, key: &FlowWords, seed: u32) -> Result<Chosen, Outcome> {
-    let found = Slot::find(key).filter(Slot::has_entry).and_then(|slot| {
+    let slot = Slot::find(key);
+    let found = slot.has_entry().then_some(slot).and_then(|slot| {
         let chosen = slot.backend(key);
         count(if chosen.is_some() {
             STAT_CONN_HIT
