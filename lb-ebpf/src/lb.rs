@@ -18,15 +18,14 @@ use crate::{
     },
     outcome::Outcome,
     parse::{
-        ETH_P_IP, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, L3, addresses, parse_ipv4, parse_ipv6, parse_l2,
-        ptr_at,
+        ETH_HLEN, ETH_P_IP, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, L3, TcpHdr, addresses,
+        parse_ipv4, parse_ipv6, parse_l2, ptr_at,
     },
     select::{self, Chosen, Conn},
 };
 
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
-const TCP_MIN_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
 /// ICMP "destination unreachable / fragmentation needed" (RFC 792, 1191).
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -44,6 +43,9 @@ pub fn process(ctx: &XdpContext) -> Outcome {
 
 #[inline(always)]
 fn try_process(ctx: &XdpContext) -> Result<Outcome, Outcome> {
+    if let Some(plain) = parse_plain_tcp4(ctx) {
+        return plain_tcp4(ctx, &plain);
+    }
     let l2 = parse_l2(ctx)?;
     // Each family gets its own copy of what follows: with the family known,
     // the compiler keeps the header fields in registers (a shared copy
@@ -82,17 +84,109 @@ fn for_l3<const V6: bool>(ctx: &XdpContext, l3: &L3) -> Result<Outcome, Outcome>
     let [sport, dport] = unsafe { *ports };
     let key = FlowWords::new(src, dst, sport, dport, l3.proto, l3.family);
     let syn = transport(ctx, l3).ok_or_else(|| bad_transport(&dst, dport, l3.proto, l3.family))?;
+    flow(ctx, l3, &key, &dst, dport, syn)
+}
+
+/// The decision for a TCP or UDP packet of a VIP address (not a
+/// fragment), its headers checked.
+#[inline(always)]
+fn flow(
+    ctx: &XdpContext,
+    l3: &L3,
+    key: &FlowWords,
+    dst: &[u64; 2],
+    dport: u16,
+    syn: bool,
+) -> Result<Outcome, Outcome> {
     // An established flow's entry names its backend, and the backend its
     // VIP: no VIP index lookup for such packets.
-    let conn = Conn::find(&key);
-    if !syn && let Some(chosen) = conn.established(&key) {
-        return Ok(forward(ctx, l3, &chosen, &key));
+    let conn = Conn::find(key);
+    if !syn && let Some(chosen) = conn.established(key) {
+        return Ok(forward(ctx, l3, &chosen, key));
     }
-    let meta =
-        port_vip(&dst, dport, l3.proto, l3.family).ok_or(Outcome::pass(STAT_PASS_NOT_VIP))?;
+    let meta = port_vip(dst, dport, l3.proto, l3.family).ok_or(Outcome::pass(STAT_PASS_NOT_VIP))?;
     let cfg = config()?;
-    let chosen = conn.new_flow(&meta, &key, cfg.hash_seed, syn)?;
-    Ok(forward(ctx, l3, &chosen, &key))
+    let chosen = conn.new_flow(&meta, key, cfg.hash_seed, syn)?;
+    Ok(forward(ctx, l3, &chosen, key))
+}
+
+/// What [`parse_plain_tcp4`] read from a packet.
+struct PlainTcp4 {
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+    ip_len: usize,
+    tos: u8,
+    syn: bool,
+}
+
+/// The most common layout read at constant offsets: untagged IPv4 without
+/// options, not a fragment, and a whole TCP header (data offset ≥ 5).
+/// Such a packet passes every check of the general parse, and
+/// [`plain_tcp4`] decides it as [`for_l3`] would; `None` sends anything
+/// else (and anything in doubt) through the general parse.
+///
+/// The general parse serves every layout, so it carries header offsets in
+/// registers and spills them around the map lookups; on this layout it
+/// cost ≈ 4 points of the live-frame ceiling (see the README benchmarks).
+#[inline(always)]
+fn parse_plain_tcp4(ctx: &XdpContext) -> Option<PlainTcp4> {
+    const L4_OFF: usize = ETH_HLEN + IPV4_HLEN;
+    // One bounds check for all three headers.
+    ptr_at::<[u8; L4_OFF + size_of::<TcpHdr>()]>(ctx, 0)?;
+    let data = ctx.data();
+    // SAFETY: all three lie inside the range checked above; reads only.
+    let (ethertype, ip, tcp) = unsafe {
+        (
+            (*((data + 12) as *const u16)),
+            &*((data + ETH_HLEN) as *const Ipv4Hdr),
+            &*((data + L4_OFF) as *const TcpHdr),
+        )
+    };
+    let ip_len = u16::from_be(ip.tot_len) as usize;
+    let plain = ethertype == ETH_P_IP.to_be()
+        && ip.vihl == 0x45
+        && ip.proto == PROTO_TCP
+        && u16::from_be(ip.frag_off) & 0x3fff == 0
+        && ip_len >= IPV4_HLEN
+        && tcp.doff_res >> 4 >= 5;
+    plain.then_some(PlainTcp4 {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport: tcp.ports[0],
+        dport: tcp.ports[1],
+        ip_len,
+        tos: ip.tos,
+        syn: tcp.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN,
+    })
+}
+
+/// [`for_l3`] for a packet that [`parse_plain_tcp4`] read.
+#[inline(always)]
+fn plain_tcp4(ctx: &XdpContext, p: &PlainTcp4) -> Result<Outcome, Outcome> {
+    let dst = [u64::from(p.daddr), 0];
+    if !maybe_vip(&dst) {
+        return Err(Outcome::pass(STAT_PASS_NOT_VIP));
+    }
+    let l3 = L3 {
+        family: FAMILY_V4,
+        proto: PROTO_TCP,
+        l3_off: ETH_HLEN,
+        l4_off: ETH_HLEN + IPV4_HLEN,
+        ip_len: p.ip_len,
+        tos: p.tos,
+        fragment: false,
+    };
+    let key = FlowWords::new(
+        [u64::from(p.saddr), 0],
+        dst,
+        p.sport,
+        p.dport,
+        PROTO_TCP,
+        FAMILY_V4,
+    );
+    flow(ctx, &l3, &key, &dst, p.dport, p.syn)
 }
 
 /// Checks the transport header past the ports: `Some(true)` for a TCP SYN
@@ -101,9 +195,9 @@ fn for_l3<const V6: bool>(ctx: &XdpContext, l3: &L3) -> Result<Outcome, Outcome>
 #[inline(always)]
 fn transport(ctx: &XdpContext, l3: &L3) -> Option<bool> {
     if l3.proto == PROTO_TCP {
-        let hdr = ptr_at::<[u8; TCP_MIN_HLEN]>(ctx, l3.l4_off)?;
+        let hdr = ptr_at::<TcpHdr>(ctx, l3.l4_off)?;
         // SAFETY: bounds checked by ptr_at.
-        let (doff, flags) = unsafe { ((*hdr)[12] >> 4, (*hdr)[13]) };
+        let (doff, flags) = unsafe { ((*hdr).doff_res >> 4, (*hdr).flags) };
         if doff < 5 {
             return None;
         }

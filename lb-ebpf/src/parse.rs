@@ -59,6 +59,21 @@ pub struct Ipv6Hdr {
     pub daddr: [u32; 4],
 }
 
+#[repr(C)]
+pub struct TcpHdr {
+    /// Source and destination port (wire order).
+    pub ports: [u16; 2],
+    pub seq: u32,
+    pub ack_seq: u32,
+    /// Data offset (high nibble).
+    pub doff_res: u8,
+    pub flags: u8,
+    pub window: u16,
+    pub check: u16,
+    pub urg_ptr: u16,
+}
+const _: () = assert!(core::mem::size_of::<TcpHdr>() == 20);
+
 /// Returns a pointer to a `T` at `offset` from the start of the packet, or
 /// `None` when the packet is too short.
 #[inline(always)]
