@@ -1411,6 +1411,22 @@ fn dsr_fixtures(plan: &MapPlan) -> Vec<Fixture> {
             vlan4.frame(client_eth().vlan(100), TcpFlags::ACK, |b| b),
             Expect::dsr(&p(&vlan4), false, &[STAT_TX, STAT_CONN_HIT, STAT_VLAN]),
         ),
+        // Untagged IPv4 TCP without options is read at constant offsets,
+        // every other layout by the general parse: both must build the
+        // same flow key, or a flow whose packets change layout would lose
+        // its entry.
+        Fixture::new(
+            "untagged ACK of the tagged flow (constant-offset read) -> same entry (conn hit)",
+            vlan4.ack(),
+            Expect::dsr(&p(&vlan4), false, &[STAT_TX, STAT_CONN_HIT]),
+        ),
+        Fixture::new(
+            "ACK with IP options (general parse) of the untagged v4 flow -> same entry (conn hit)",
+            tcp4.frame(client_eth(), TcpFlags::ACK, |b| {
+                b.ipv4_options(&[1, 1, 1, 1])
+            }),
+            Expect::dsr(&p(&tcp4), false, &[STAT_TX, STAT_CONN_HIT]),
+        ),
         Fixture::new(
             "v4 with 12 bytes of options (IHL 8) -> ports read after the options, DSR",
             opts4.frame(client_eth(), TcpFlags::SYN, |b| {
