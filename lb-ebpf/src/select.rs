@@ -234,7 +234,7 @@ impl Conn {
 #[inline(always)]
 pub fn lookup_only(meta: &VipMeta, key: &FlowWords, seed: u32) -> Result<Chosen, Outcome> {
     let slot = Slot::find(key);
-    let found = slot.has_entry().then_some(slot).and_then(|slot| {
+    let found = if slot.has_entry() {
         let chosen = slot.backend(key);
         count(if chosen.is_some() {
             STAT_CONN_HIT
@@ -242,7 +242,9 @@ pub fn lookup_only(meta: &VipMeta, key: &FlowWords, seed: u32) -> Result<Chosen,
             STAT_CONN_STALE
         });
         chosen
-    });
+    } else {
+        None
+    };
     match found {
         Some(chosen) => Ok(chosen),
         None => from_ring(meta, key, seed),
