@@ -18,8 +18,8 @@ use crate::{
     },
     outcome::Outcome,
     parse::{
-        ETH_HLEN, ETH_P_IP, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, L3, TcpHdr, addresses,
-        parse_ipv4, parse_ipv6, parse_l2, ptr_at,
+        ETH_HLEN, ETH_P_IP, ETH_TYPE_OFF, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, L3, TcpHdr,
+        addresses, parse_ipv4, parse_ipv6, parse_l2, ptr_at,
     },
     select::{self, Chosen, Conn},
 };
@@ -102,12 +102,12 @@ fn flow(
     // VIP: no VIP index lookup for such packets.
     let conn = Conn::find(key);
     if !syn && let Some(chosen) = conn.established(key) {
-        return Ok(forward(ctx, l3, &chosen, key));
+        return Ok(forward(ctx, l3, &chosen, key, None));
     }
     let meta = port_vip(dst, dport, l3.proto, l3.family).ok_or(Outcome::pass(STAT_PASS_NOT_VIP))?;
     let cfg = config()?;
     let chosen = conn.new_flow(&meta, key, cfg.hash_seed, syn)?;
-    Ok(forward(ctx, l3, &chosen, key))
+    Ok(forward(ctx, l3, &chosen, key, Some(cfg)))
 }
 
 /// What [`parse_plain_tcp4`] read from a packet.
@@ -139,7 +139,7 @@ fn parse_plain_tcp4(ctx: &XdpContext) -> Option<PlainTcp4> {
     // SAFETY: all three lie inside the range checked above; reads only.
     let (ethertype, ip, tcp) = unsafe {
         (
-            (*((data + 12) as *const u16)),
+            (*((data + ETH_TYPE_OFF) as *const u16)),
             &*((data + ETH_HLEN) as *const Ipv4Hdr),
             &*((data + L4_OFF) as *const TcpHdr),
         )
@@ -296,7 +296,7 @@ fn fragment(ctx: &XdpContext, l3: &L3, key: &FlowWords) -> Result<Outcome, Outco
     let key = key.without_ports();
     let cfg = config()?;
     let chosen = select::from_ring(&meta, &key, cfg.hash_seed)?;
-    Ok(forward(ctx, l3, &chosen, &key))
+    Ok(forward(ctx, l3, &chosen, &key, Some(cfg)))
 }
 
 /// ICMP "fragmentation needed" / ICMPv6 "packet too big" about a VIP flow:
@@ -358,7 +358,7 @@ fn icmp(ctx: &XdpContext, l3: &L3) -> Result<Outcome, Outcome> {
     count(STAT_ICMP_PTB);
     let cfg = config()?;
     let chosen = select::lookup_only(&meta, &key, cfg.hash_seed)?;
-    Ok(forward(ctx, l3, &chosen, &key))
+    Ok(forward(ctx, l3, &chosen, &key, Some(cfg)))
 }
 
 #[cold]
@@ -369,14 +369,22 @@ fn bad_quote() -> Outcome {
 }
 
 /// Sends the packet to the chosen backend in its VIP's forwarding mode, and
-/// counts it for the VIP and the backend.
+/// counts it for the VIP and the backend. `cfg` is the global config when
+/// the caller has already read it (IP-in-IP needs it; an established flow's
+/// packet has not read it, and DSR never does).
 #[inline(always)]
-fn forward(ctx: &XdpContext, l3: &L3, chosen: &Chosen, key: &FlowWords) -> Outcome {
+fn forward(
+    ctx: &XdpContext,
+    l3: &L3,
+    chosen: &Chosen,
+    key: &FlowWords,
+    cfg: Option<&'static GlobalConfig>,
+) -> Outcome {
     let backend = chosen.backend;
     // Counted before forwarding changes the frame, credited only if sent.
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let outcome = if backend.vip.flags & VIP_F_IPIP != 0 {
-        match config() {
+        match cfg.map_or_else(config, Ok) {
             Ok(cfg) => {
                 let hash = match chosen.hash {
                     Some(h) => h,

@@ -15,6 +15,8 @@ use lb_common::{
 use crate::{maps::count, outcome::Outcome};
 
 pub const ETH_HLEN: usize = 14;
+/// Offset of the EtherType in an untagged frame.
+pub const ETH_TYPE_OFF: usize = 12;
 pub const VLAN_HLEN: usize = 4;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86DD;
@@ -137,7 +139,7 @@ pub fn addresses<const V6: bool>(ctx: &XdpContext, l3: &L3) -> Option<([u64; 2],
 
 #[inline(always)]
 pub fn parse_l2(ctx: &XdpContext) -> Result<L2, Outcome> {
-    let Some(tp) = ptr_at::<u16>(ctx, 12) else {
+    let Some(tp) = ptr_at::<u16>(ctx, ETH_TYPE_OFF) else {
         count(STAT_ERR_L2_TRUNC);
         return Err(Outcome::pass(STAT_PASS_MALFORMED));
     };

@@ -235,7 +235,7 @@ impl Conn {
 pub fn lookup_only(meta: &VipMeta, key: &FlowWords, seed: u32) -> Result<Chosen, Outcome> {
     let slot = Slot::find(key);
     let found = if slot.has_entry() {
-        let chosen = slot.backend(key);
+        let chosen = entry_backend(slot.value, key);
         count(if chosen.is_some() {
             STAT_CONN_HIT
         } else {
