@@ -33,10 +33,24 @@ pub const MAP_BACKENDS: &str = "BACKENDS";
 /// aligned cache line): the connection table, see [`crate::conn`].
 pub const MAP_CONN_TABLE: &str = "CONN_TABLE";
 /// `Array<ConnParams, 1>`: the connection table's hash secret and bucket
-/// mask.
+/// mask, kept with the pinned table. The program reads them as the
+/// load-time constants [`GLOBAL_CONN_SECRET`] and [`GLOBAL_CONN_BUCKET_MASK`],
+/// which the loader sets from this map.
 pub const MAP_CONN_PARAMS: &str = "CONN_PARAMS";
-/// `Array<u64, VIP_FILTER_WORDS>`: bitmap of VIP addresses.
+/// Global (`.rodata`, `u64`): `ConnParams::secret` of the loaded program.
+pub const GLOBAL_CONN_SECRET: &str = "CONN_SECRET";
+/// Global (`.rodata`, `u32`): `ConnParams::bucket_mask` of the loaded
+/// program.
+pub const GLOBAL_CONN_BUCKET_MASK: &str = "CONN_BUCKET_MASK";
+/// `Array<u64, VIP_FILTER_WORDS>`: bitmap of VIP addresses, kept with the
+/// pinned maps (the record a restarted agent adopts).
 pub const MAP_VIP_FILTER: &str = "VIP_FILTER";
+/// `Array<[u64; VIP_FILTER_WORDS], 1>`: the program's own copy of
+/// [`MAP_VIP_FILTER`], which it reads in place. It is the program's `.bss`
+/// (its only zero-initialised global), so it belongs to one loaded program
+/// and is not pinned: the loader fills it from `VIP_FILTER`, and every write
+/// of `VIP_FILTER` writes it too.
+pub const MAP_VIP_FILTER_COPY: &str = ".bss";
 /// `Array<GlobalConfig, 1>`: fleet-wide settings.
 pub const MAP_CONFIG: &str = "CONFIG";
 /// `DevMapHash`: egress interfaces for IP-in-IP towards another interface.

@@ -13,8 +13,8 @@ use lb_common::{
 use crate::{
     forward,
     maps::{
-        BACKEND_STATS, CONFIG, VIP_FILTER, VIP_INDEX, VIP_INDEX_LIVE, VIP_STATS, count,
-        count_traffic,
+        BACKEND_STATS, CONFIG, VIP_INDEX, VIP_INDEX_LIVE, VIP_STATS, count, count_traffic,
+        vip_filter_word,
     },
     outcome::Outcome,
     parse::{
@@ -224,7 +224,7 @@ fn bad_transport(dst: &[u64; 2], dport: u16, proto: u8, family: u8) -> Outcome {
 #[inline(always)]
 fn maybe_vip(addr: &[u64; 2]) -> bool {
     let (word, mask) = vip_filter_bit_of_words(addr);
-    VIP_FILTER.get(word).is_some_and(|w| *w & mask != 0)
+    vip_filter_word(word) & mask != 0
 }
 
 /// The global config, read in place (only new flows and IP-in-IP read

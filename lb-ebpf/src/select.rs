@@ -11,7 +11,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{BACKENDS, CONN_PARAMS, CONN_TABLE, RING_LIVE, RINGS, count},
+    maps::{BACKENDS, CONN_TABLE, RING_LIVE, RINGS, conn_params, count},
     outcome::Outcome,
 };
 
@@ -73,8 +73,9 @@ pub fn from_ring(meta: &VipMeta, key: &FlowWords, seed: u32) -> Result<Chosen, O
 /// verifier refuses to load a program that reads such a register
 /// ("R1 !read_ok", met with the 32-bit ALU of BPF ISA v3).
 struct Slot {
-    /// Null only if the table is missing (a loader fault; the flow is then
-    /// not pinned).
+    /// Null only if the bucket index is outside the table (a loader fault:
+    /// a bucket mask that does not fit the table; the flow is then not
+    /// pinned).
     bucket: *mut ConnBucket,
     tag: u32,
     way: usize,
@@ -93,11 +94,9 @@ impl Slot {
             way: CONN_WAYS,
             value: 0,
         };
-        let Some(params) = CONN_PARAMS.get(0) else {
-            return slot;
-        };
-        let hash = conn_hash(key, params.secret);
-        let Some(bucket) = CONN_TABLE.get_ptr_mut(conn_bucket(hash, params.bucket_mask)) else {
+        let (secret, bucket_mask) = conn_params();
+        let hash = conn_hash(key, secret);
+        let Some(bucket) = CONN_TABLE.get_ptr_mut(conn_bucket(hash, bucket_mask)) else {
             return slot;
         };
         slot.bucket = bucket;

@@ -30,6 +30,17 @@
 //! Table changes never rewrite VIP entries: VIP entries change only when a
 //! VIP's address, mode, hashing or table size does. The VIP index half
 //! that was live is written again only after a grace period.
+//!
+//! Two things the program does not read from the pinned maps, to save
+//! map lookups on every packet:
+//! - the connection table's secret and bucket mask are load-time constants
+//!   of the program, taken from the pinned `CONN_PARAMS` (or made new with
+//!   a new table) before loading;
+//! - the VIP address filter is read from the program's own copy (its
+//!   `.bss`), which every filter write of step 5 and 6 updates after the
+//!   pinned record `VIP_FILTER`, and which an adopting handle fills from
+//!   that record. Writes through one handle reach only its own program: a
+//!   process that adopts the maps attaches its program before it applies.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
@@ -50,13 +61,14 @@ use aya::{
 };
 use lb_common::{
     BACKEND_NONE, BPF_F_MMAPABLE, Backend, CONN_TABLE_CAPACITY, ConnParams, DECAP_STAT_COUNT,
-    GlobalConfig, LAYOUT_VERSION, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_CONN_PARAMS,
-    MAP_CONN_TABLE, MAP_DECAP_STATS, MAP_RING_LIVE, MAP_RINGS, MAP_STATS, MAP_TX_PORTS,
-    MAP_VIP_FILTER, MAP_VIP_INDEX, MAP_VIP_INDEX_LIVE, MAP_VIP_STATS, MAX_BACKENDS, MAX_RING_SIZE,
-    MAX_VIPS, PROG_DECAP, PROG_LB, RING_CHUNK_SLOTS, RING_CHUNKS, RING_SLOT_NONE, RingChunk,
-    STAT_COUNT, TrafficCounters, VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VipKey, VipMeta, VipSlot,
-    conn_buckets, ring_index, vip_index_half, vip_index_home, vip_index_live, vip_index_probe,
-    vip_index_salt, vip_slot,
+    GLOBAL_CONN_BUCKET_MASK, GLOBAL_CONN_SECRET, GlobalConfig, LAYOUT_VERSION, MAP_BACKEND_STATS,
+    MAP_BACKENDS, MAP_CONFIG, MAP_CONN_PARAMS, MAP_CONN_TABLE, MAP_DECAP_STATS, MAP_RING_LIVE,
+    MAP_RINGS, MAP_STATS, MAP_TX_PORTS, MAP_VIP_FILTER, MAP_VIP_FILTER_COPY, MAP_VIP_INDEX,
+    MAP_VIP_INDEX_LIVE, MAP_VIP_STATS, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, PROG_DECAP, PROG_LB,
+    RING_CHUNK_SLOTS, RING_CHUNKS, RING_SLOT_NONE, RingChunk, STAT_COUNT, TrafficCounters,
+    VIP_FILTER_WORDS, VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VipKey, VipMeta, VipSlot, conn_buckets,
+    ring_index, vip_index_half, vip_index_home, vip_index_live, vip_index_probe, vip_index_salt,
+    vip_slot,
 };
 
 use crate::plan::{MapPlan, PlannedBackend};
@@ -107,6 +119,10 @@ pub enum DatapathError {
     RestoreFailed(Box<DatapathError>),
     #[error("pinning or adopting the XDP link {path}: {reason}")]
     LinkPin { path: PathBuf, reason: String },
+    #[error(
+        "the connection table has {buckets} buckets, but the program was loaded for bucket mask {mask:#x} (was the pinned table replaced while loading? load again)"
+    )]
+    ConnTableChanged { buckets: u32, mask: u32 },
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
@@ -151,11 +167,53 @@ const PINNED_MAPS: [&str; 13] = [
     MAP_BACKEND_STATS,
 ];
 
-/// Gives the connection table its hash secret (once: an adopted table keeps
-/// the secret its flows were placed by) and its bucket mask, from the
-/// table's real size (an adopted table keeps the size it was created with;
-/// a new `conn_table_capacity` takes effect after a detach).
-fn init_conn_params(loaded: &mut Loaded) -> Result<(), DatapathError> {
+/// The connection table's parameters for a program about to be loaded
+/// (the program gets them as load-time constants): those kept with the
+/// pinned table when there is one (its flows were placed by that secret,
+/// and it keeps the size it was created with; a new `capacity` takes
+/// effect after a detach), else a new secret and the mask of a new table
+/// of `capacity` flows.
+fn conn_params_for(pins: Option<&Path>, capacity: u32) -> Result<ConnParams, DatapathError> {
+    let mut p = ConnParams {
+        secret: 0,
+        bucket_mask: conn_buckets(capacity) - 1,
+        _pad: 0,
+    };
+    let pinned = |name: &str| pins.map(|d| d.join(name)).filter(|f| f.exists());
+    if let Some(table) = pinned(MAP_CONN_TABLE) {
+        let table = MapData::from_pin(&table).map_err(map_err(MAP_CONN_TABLE))?;
+        let buckets = table.info().map_err(map_err(MAP_CONN_TABLE))?.max_entries();
+        p.bucket_mask = bucket_mask(buckets);
+        if let Some(params) = pinned(MAP_CONN_PARAMS) {
+            let params = MapData::from_pin(&params).map_err(map_err(MAP_CONN_PARAMS))?;
+            let params: Array<_, ConnParams> =
+                Array::try_from(aya::maps::Map::Array(params)).map_err(map_err(MAP_CONN_PARAMS))?;
+            p.secret = params.get(&0, 0).map_err(map_err(MAP_CONN_PARAMS))?.secret;
+        }
+    }
+    while p.secret == 0 {
+        let mut b = [0u8; 8];
+        std::io::Read::read_exact(
+            &mut std::fs::File::open("/dev/urandom").map_err(DatapathError::Random)?,
+            &mut b,
+        )
+        .map_err(DatapathError::Random)?;
+        p.secret = u64::from_ne_bytes(b);
+    }
+    Ok(p)
+}
+
+/// The bucket mask of a table of `buckets` buckets: the largest power of
+/// two ≤ `buckets`, less one (the loader only makes powers of two; this
+/// keeps any other size in bounds).
+fn bucket_mask(buckets: u32) -> u32 {
+    (1u32 << buckets.max(1).ilog2()) - 1
+}
+
+/// Records the parameters the program was loaded with in `CONN_PARAMS`
+/// (kept with the pinned table for the next process), after checking that
+/// they fit the table the object got.
+fn record_conn_params(loaded: &mut Loaded) -> Result<(), DatapathError> {
     let buckets = match loaded.ebpf.map(MAP_CONN_TABLE) {
         Some(aya::maps::Map::Array(data)) => {
             data.info().map_err(map_err(MAP_CONN_TABLE))?.max_entries()
@@ -166,21 +224,43 @@ fn init_conn_params(loaded: &mut Loaded) -> Result<(), DatapathError> {
             });
         }
     };
-    let mut params: Array<_, ConnParams> = loaded.map_mut(MAP_CONN_PARAMS)?;
-    let mut p = params.get(&0, 0).map_err(map_err(MAP_CONN_PARAMS))?;
-    while p.secret == 0 {
-        let mut b = [0u8; 8];
-        std::io::Read::read_exact(
-            &mut std::fs::File::open("/dev/urandom").map_err(DatapathError::Random)?,
-            &mut b,
-        )
-        .map_err(DatapathError::Random)?;
-        p.secret = u64::from_ne_bytes(b);
+    let p = loaded.conn;
+    if bucket_mask(buckets) != p.bucket_mask {
+        return Err(DatapathError::ConnTableChanged {
+            buckets,
+            mask: p.bucket_mask,
+        });
     }
-    // The largest power of two ≤ buckets (the loader only makes powers of
-    // two; this keeps any other size in bounds).
-    p.bucket_mask = (1u32 << buckets.max(1).ilog2()) - 1;
+    let mut params: Array<_, ConnParams> = loaded.map_mut(MAP_CONN_PARAMS)?;
     params.set(0, p, 0).map_err(map_err(MAP_CONN_PARAMS))
+}
+
+/// The VIP address filter as the program reads it: one value of
+/// `VIP_FILTER_WORDS` words.
+type FilterCopy = [u64; VIP_FILTER_WORDS as usize];
+
+/// The words of the VIP address filter: the pinned record
+/// ([`MAP_VIP_FILTER`]) or the program's copy ([`MAP_VIP_FILTER_COPY`]).
+fn read_filter(loaded: &Loaded, name: &'static str) -> Result<Vec<u64>, DatapathError> {
+    if name == MAP_VIP_FILTER_COPY {
+        let copy: Array<_, FilterCopy> = loaded.map(name)?;
+        return Ok(copy.get(&0, 0).map_err(map_err(name))?.to_vec());
+    }
+    let record: Array<_, u64> = loaded.map(name)?;
+    (0..VIP_FILTER_WORDS)
+        .map(|i| record.get(&i, 0).map_err(map_err(name)))
+        .collect()
+}
+
+/// Writes the program's copy of the VIP address filter (all words in one
+/// update; a word the update does not change reads the same throughout).
+fn write_filter_copy(loaded: &mut Loaded, words: &[u64]) -> Result<(), DatapathError> {
+    let mut value: FilterCopy = [0; VIP_FILTER_WORDS as usize];
+    for (v, w) in value.iter_mut().zip(words) {
+        *v = *w;
+    }
+    let mut copy: Array<_, FilterCopy> = loaded.map_mut(MAP_VIP_FILTER_COPY)?;
+    copy.set(0, value, 0).map_err(map_err(MAP_VIP_FILTER_COPY))
 }
 
 /// The directory of one layout version under the operator's pin dir.
@@ -245,6 +325,8 @@ struct Loaded {
     pins: Option<PathBuf>,
     /// Whether the maps were adopted from an earlier process.
     adopted: bool,
+    /// The connection-table parameters the program was loaded with.
+    conn: ConnParams,
 }
 
 impl Loaded {
@@ -253,20 +335,24 @@ impl Loaded {
         conn_table_capacity: u32,
         pin_dir: Option<&Path>,
     ) -> Result<Self, DatapathError> {
-        let mut loader = EbpfLoader::new();
-        loader.map_max_entries(MAP_CONN_TABLE, conn_buckets(conn_table_capacity));
         let mut adopted = false;
         let pins = match pin_dir {
             Some(dir) => {
                 adopted = prepare_pins(dir)?;
-                let ours = layout_dir(dir);
-                for map in PINNED_MAPS {
-                    loader.map_pin_path(map, ours.join(map));
-                }
-                Some(ours)
+                Some(layout_dir(dir))
             }
             None => None,
         };
+        let conn = conn_params_for(pins.as_deref(), conn_table_capacity)?;
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(MAP_CONN_TABLE, conn_buckets(conn_table_capacity));
+        loader.override_global(GLOBAL_CONN_SECRET, &conn.secret, true);
+        loader.override_global(GLOBAL_CONN_BUCKET_MASK, &conn.bucket_mask, true);
+        if let Some(ours) = &pins {
+            for map in PINNED_MAPS {
+                loader.map_pin_path(map, ours.join(map));
+            }
+        }
         let mut ebpf = loader.load(crate::EBPF_OBJECT)?;
         program(&mut ebpf, name)?
             .load()
@@ -278,6 +364,7 @@ impl Loaded {
             pinned_links: Vec::new(),
             pins,
             adopted,
+            conn,
         })
     }
 
@@ -460,7 +547,7 @@ impl Datapath {
             pin_dir,
         } = opts;
         let mut loaded = Loaded::load(PROG_LB, conn_table_capacity, pin_dir.as_deref())?;
-        init_conn_params(&mut loaded)?;
+        record_conn_params(&mut loaded)?;
         let mut live = vec![0; MAX_VIPS as usize];
         let mut vip_live = 0;
         let mut vip_entries = BTreeMap::new();
@@ -474,6 +561,9 @@ impl Datapath {
             for (id, l) in live.iter_mut().enumerate() {
                 *l = flags.get(&(id as u32), 0).map_err(map_err(MAP_RING_LIVE))? & 1;
             }
+            // The program's own copy of the address filter starts empty.
+            let filter = read_filter(&loaded, MAP_VIP_FILTER)?;
+            write_filter_copy(&mut loaded, &filter)?;
             // Whatever the earlier process switched away from last is idle
             // after this.
             wait_for_readers();
@@ -664,14 +754,16 @@ impl Datapath {
                 ));
             }
         }
-        let filter: Array<_, u64> = self.map(MAP_VIP_FILTER)?;
+        let record = read_filter(&self.loaded, MAP_VIP_FILTER)?;
+        let copy = read_filter(&self.loaded, MAP_VIP_FILTER_COPY)?;
         for (i, w) in plan.vip_filter.iter().enumerate() {
-            if filter
-                .get(&(i as u32), 0)
-                .map_err(map_err(MAP_VIP_FILTER))?
-                != *w
-            {
+            if record.get(i) != Some(w) {
                 diffs.push(format!("VIP address filter word {i} differs"));
+            }
+            if copy.get(i) != Some(w) {
+                diffs.push(format!(
+                    "the program's copy of VIP address filter word {i} differs"
+                ));
             }
         }
         let rings: ArrayOfMaps<_, MapData> = self.map(MAP_RINGS)?;
@@ -1032,6 +1124,8 @@ impl Datapath {
         Ok(())
     }
 
+    /// Writes the VIP address filter: the pinned record, then the copy the
+    /// program reads.
     fn write_filter(&mut self, words: &[u64]) -> Result<(), DatapathError> {
         let mut filter: Array<_, u64> = self.map_mut(MAP_VIP_FILTER)?;
         for (i, w) in words.iter().enumerate() {
@@ -1039,7 +1133,7 @@ impl Datapath {
                 .set(i as u32, *w, 0)
                 .map_err(map_err(MAP_VIP_FILTER))?;
         }
-        Ok(())
+        write_filter_copy(&mut self.loaded, words)
     }
 
     /// Reads the counters (per-VIP and per-backend only for the ids of the

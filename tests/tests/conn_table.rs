@@ -95,3 +95,54 @@ fn a_full_bucket_drops_its_least_recently_used_flow() {
         "the walk must exercise eviction ({evictions})"
     );
 }
+
+/// The destination MAC a packet leaves with (the backend it was sent to).
+fn sent_to(dp: &mut Datapath, data: &[u8]) -> [u8; 6] {
+    let mut out = vec![0u8; 2048];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(data);
+    opts.data_out = Some(&mut out);
+    dp.program()
+        .expect("xdp_lb")
+        .test_run(opts)
+        .expect("BPF_PROG_TEST_RUN");
+    out[..6].try_into().expect("six bytes")
+}
+
+/// The program gets the table's secret and bucket mask as load-time
+/// constants and reads its own copy of the VIP address filter. A second
+/// handle adopting the pinned maps (as a restarted agent does) must load
+/// them from the pinned table, not make new ones: its program finds every
+/// flow the first program recorded (a new secret would move every flow to
+/// another bucket), also when asked for another table size, and forwards
+/// (an empty filter copy would pass the packets to the host).
+#[test]
+fn an_adopting_handle_finds_the_flows_of_the_pinned_table() {
+    let pins = lb_tests::pins::PinDir::new("lb-conn-adopt");
+    let opts = |capacity| LoadOptions {
+        conn_table_capacity: capacity,
+        pin_dir: Some(pins.path().to_path_buf()),
+    };
+    let mut first = Datapath::load(opts(4096)).expect("load xdp_lb (run as root)");
+    let plan = plan::plan(&scenario::standard(4), &IdAllocator::default()).expect("plan");
+    first.apply(&plan).expect("apply");
+    let flows: Vec<u16> = (0..64).collect();
+    let mut backend = Vec::new();
+    for &f in &flows {
+        assert_eq!(send(&mut first, &packet(f, true)), Seen::Miss);
+        backend.push(sent_to(&mut first, &packet(f, false)));
+    }
+
+    let mut second = Datapath::load(opts(1 << 20)).expect("adopt");
+    assert!(second.adopted(), "the second handle must adopt the pins");
+    for (&f, mac) in flows.iter().zip(&backend) {
+        assert_eq!(
+            send(&mut second, &packet(f, false)),
+            Seen::Hit,
+            "flow {f}: the adopting program must find the entry"
+        );
+        assert_eq!(sent_to(&mut second, &packet(f, false)), *mac, "flow {f}");
+    }
+    drop((first, second));
+    drop(pins);
+}

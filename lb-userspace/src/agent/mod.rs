@@ -243,7 +243,8 @@ pub struct Agent {
 
 impl Agent {
     /// Loads and checks the config, loads (or adopts) the data path,
-    /// programs it and attaches. Health results are sent to `probes`.
+    /// programs it and attaches (adopted maps: attaches first, then
+    /// programs). Health results are sent to `probes`.
     pub fn start(
         opts: AgentOptions,
         probes: mpsc::Sender<ProbeResult<BackendKey>>,
@@ -273,6 +274,14 @@ impl Agent {
             guard: None,
         };
         let adopted_digest = agent.adopt()?;
+        // With adopted maps, our program takes over first: a program reads
+        // its own copy of the VIP address filter, written only through its
+        // own handle, so the earlier process's program would not see the
+        // filter changes of this apply.
+        let adopted = agent.datapath.adopted();
+        if adopted {
+            agent.attach()?;
+        }
         // A restart with the same file is not a change: same generation.
         let generation = if adopted_digest == Some(state::digest(&source)) {
             agent.generation
@@ -286,7 +295,9 @@ impl Agent {
             &Origin::new("start", "lbd", ""),
             &Gate::Policy { force: None },
         )?;
-        agent.attach()?;
+        if !adopted {
+            agent.attach()?;
+        }
         Ok(agent)
     }
 
