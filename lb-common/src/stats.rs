@@ -1,5 +1,6 @@
-//! Indexes of the global counters ([`crate::MAP_STATS`]) and the decap
-//! program's counters ([`crate::MAP_DECAP_STATS`]).
+//! Indexes of the global counters (`Counters::global` of
+//! [`crate::MAP_COUNTERS`]) and of the decap program's counters
+//! ([`crate::MAP_DECAP_STATS`]).
 //!
 //! Every packet the load balancer sees increments exactly one *outcome*
 //! counter (`STAT_PASS_*`, `STAT_TX`, `STAT_REDIRECT`, `STAT_DROP_*`), so the

@@ -4,19 +4,20 @@
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
     FAMILY_V4, FlowWords, GlobalConfig, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
-    STAT_DROP_MALFORMED_L4, STAT_DROP_NO_CONFIG, STAT_ERR_ICMP_INNER, STAT_ERR_L4_TRUNC,
-    STAT_FRAGMENT, STAT_ICMP_PTB, STAT_PASS_MALFORMED, STAT_PASS_NOT_VIP, VIP_F_FRAG_ALIAS,
-    VIP_F_IPIP, VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VipMeta, addr_words, flow_hash_words,
-    vip_filter_bit_of_words, vip_index_half, vip_index_home_of, vip_index_probe, vip_index_salt,
+    STAT_CONN_HIT, STAT_DROP_MALFORMED_L4, STAT_DROP_NO_CONFIG, STAT_ERR_ICMP_INNER,
+    STAT_ERR_L4_TRUNC, STAT_FRAGMENT, STAT_ICMP_PTB, STAT_PASS_MALFORMED, STAT_PASS_NOT_VIP,
+    VIP_F_FRAG_ALIAS, VIP_F_IPIP, VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VipMeta, addr_words,
+    flow_hash_words, vip_filter_bit_of_words, vip_index_half, vip_index_home_of, vip_index_probe,
+    vip_index_salt,
 };
 
 use crate::{
     forward,
     maps::{
-        BACKEND_STATS, CONFIG, VIP_INDEX, VIP_INDEX_LIVE, VIP_STATS, count, count_traffic,
+        CONFIG, VIP_INDEX, VIP_INDEX_LIVE, add_traffic, count, count_backend, counters,
         vip_filter_word,
     },
-    outcome::Outcome,
+    outcome::{COUNTED, Outcome},
     parse::{
         ETH_HLEN, ETH_P_IP, ETH_TYPE_OFF, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, L3, TcpHdr,
         addresses, parse_ipv4, parse_ipv6, parse_l2, ptr_at,
@@ -369,7 +370,9 @@ fn bad_quote() -> Outcome {
 }
 
 /// Sends the packet to the chosen backend in its VIP's forwarding mode, and
-/// counts it for the VIP and the backend. `cfg` is the global config when
+/// counts it: the connection-table hit of an established flow, and, if it
+/// was sent, the VIP's and the backend's traffic and the outcome (the
+/// returned outcome is then `COUNTED`). `cfg` is the global config when
 /// the caller has already read it (IP-in-IP needs it; an established flow's
 /// packet has not read it, and DSR never does).
 #[inline(always)]
@@ -397,9 +400,26 @@ fn forward(
     } else {
         forward::dsr(ctx, backend)
     };
+    // One lookup for everything this CPU counts about the packet except
+    // its backend: the connection-table hit, the VIP's traffic and the
+    // outcome. A packet counted here goes back as `COUNTED`.
+    let mut outcome = outcome;
+    if let Some(c) = counters() {
+        if chosen.hit {
+            c.global[STAT_CONN_HIT as usize] += 1;
+        }
+        if outcome.action != xdp_action::XDP_DROP {
+            if let Some(v) = c.vips.get_mut(backend.vip_id as usize) {
+                add_traffic(v, bytes, chosen.new_flow);
+            }
+            if let Some(g) = c.global.get_mut(outcome.stat as usize) {
+                *g += 1;
+            }
+            outcome.stat = COUNTED;
+        }
+    }
     if outcome.action != xdp_action::XDP_DROP {
-        count_traffic(&VIP_STATS, backend.vip_id, bytes, chosen.new_flow);
-        count_traffic(&BACKEND_STATS, chosen.id, bytes, chosen.new_flow);
+        count_backend(chosen.id, bytes, chosen.new_flow);
     }
     outcome
 }

@@ -26,7 +26,10 @@ use aya_ebpf::{macros::xdp, programs::XdpContext};
 #[inline(always)]
 pub fn xdp_lb(ctx: XdpContext) -> u32 {
     let outcome = lb::process(&ctx);
-    maps::count(outcome.stat);
+    // A forwarded packet's outcome is counted with its traffic counters.
+    if outcome.stat != outcome::COUNTED {
+        maps::count(outcome.stat);
+    }
     outcome.action
 }
 

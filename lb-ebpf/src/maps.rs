@@ -6,9 +6,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    BPF_F_MMAPABLE, Backend, CONN_TABLE_CAPACITY, CONN_WAYS, ConnBucket, ConnParams,
+    BPF_F_MMAPABLE, Backend, CONN_TABLE_CAPACITY, CONN_WAYS, ConnBucket, ConnParams, Counters,
     DECAP_STAT_COUNT, GlobalConfig, MAX_BACKENDS, MAX_RINGS, MAX_TX_PORTS, MAX_VIPS, RING_CHUNKS,
-    RingChunk, STAT_COUNT, TrafficCounters, VIP_FILTER_WORDS, VIP_INDEX_SLOTS, VipSlot,
+    RingChunk, TrafficCounters, VIP_FILTER_WORDS, VIP_INDEX_SLOTS, VipSlot,
 };
 
 /// A VIP's lookup table: 32 slots per element (`u16` backend ids, see
@@ -69,11 +69,9 @@ pub static CONFIG: Array<GlobalConfig, 1> = Array::new();
 #[btf_map]
 pub static TX_PORTS: DevMapHash<{ MAX_TX_PORTS as usize }> = DevMapHash::new();
 
+/// The global and the per-VIP counters (see `lb_common::Counters`).
 #[btf_map]
-pub static STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
-
-#[btf_map]
-pub static VIP_STATS: PerCpuArray<TrafficCounters, { MAX_VIPS as usize }> = PerCpuArray::new();
+pub static COUNTERS: PerCpuArray<Counters, 1> = PerCpuArray::new();
 
 #[btf_map]
 pub static BACKEND_STATS: PerCpuArray<TrafficCounters, { MAX_BACKENDS as usize }> =
@@ -127,32 +125,38 @@ pub fn vip_filter_word(word: u32) -> u64 {
     unsafe { core::ptr::read_volatile((&raw const VIP_FILTER_COPY).cast::<u64>().add(i)) }
 }
 
+/// This CPU's counters.
+#[inline(always)]
+pub fn counters() -> Option<&'static mut Counters> {
+    // SAFETY: this CPU's element; the program runs with preemption (and
+    // migration) off, so nothing else writes it meanwhile.
+    COUNTERS.get_ptr_mut(0).map(|c| unsafe { &mut *c })
+}
+
 /// Adds one to a global counter.
 #[inline(always)]
 pub fn count(stat: u32) {
-    if let Some(c) = STATS.get_ptr_mut(stat) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        unsafe { *c += 1 };
+    if let Some(g) = counters().and_then(|c| c.global.get_mut(stat as usize)) {
+        *g += 1;
     }
 }
 
-/// Adds one packet of `bytes` to a per-VIP or per-backend counter.
+/// Adds one packet of `bytes` to traffic counters.
 #[inline(always)]
-pub fn count_traffic<const N: usize>(
-    map: &PerCpuArray<TrafficCounters, N>,
-    id: u32,
-    bytes: u64,
-    new_flow: bool,
-) {
-    if let Some(c) = map.get_ptr_mut(id) {
+pub fn add_traffic(c: &mut TrafficCounters, bytes: u64, new_flow: bool) {
+    c.packets += 1;
+    c.bytes += bytes;
+    if new_flow {
+        c.new_flows += 1;
+    }
+}
+
+/// Adds one packet of `bytes` to a backend's counters.
+#[inline(always)]
+pub fn count_backend(id: u32, bytes: u64, new_flow: bool) {
+    if let Some(c) = BACKEND_STATS.get_ptr_mut(id) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        unsafe {
-            (*c).packets += 1;
-            (*c).bytes += bytes;
-            if new_flow {
-                (*c).new_flows += 1;
-            }
-        }
+        add_traffic(unsafe { &mut *c }, bytes, new_flow);
     }
 }
 

@@ -2,6 +2,10 @@
 
 use aya_ebpf::bindings::xdp_action;
 
+/// `Outcome::stat` of a packet whose outcome counter is already counted
+/// (with its traffic counters, in one lookup).
+pub const COUNTED: u32 = u32::MAX;
+
 #[derive(Clone, Copy)]
 pub struct Outcome {
     pub action: u32,

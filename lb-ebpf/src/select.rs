@@ -27,6 +27,9 @@ pub struct Chosen {
     /// `flow_hash` of the flow key, when choosing computed it (IP-in-IP
     /// reuses it for the outer source instead of hashing again).
     pub hash: Option<u32>,
+    /// Found by [`Conn::established`]: the connection-table hit is counted
+    /// with the packet's traffic counters.
+    pub hit: bool,
 }
 
 /// Picks a backend from the VIP's lookup table by the flow hash of `key`
@@ -61,6 +64,7 @@ pub fn from_ring(meta: &VipMeta, key: &FlowWords, seed: u32) -> Result<Chosen, O
         backend,
         new_flow: true,
         hash: if affinity { None } else { Some(hash) },
+        hit: false,
     })
 }
 
@@ -173,6 +177,7 @@ fn entry_backend(way: u64, key: &FlowWords) -> Option<Chosen> {
             backend: b,
             new_flow: false,
             hash: None,
+            hit: false,
         })
     } else {
         None
@@ -194,8 +199,8 @@ impl Conn {
     #[inline(always)]
     pub fn established(&self, key: &FlowWords) -> Option<Chosen> {
         let slot = &self.0;
-        let chosen = slot.backend(key)?;
-        count(STAT_CONN_HIT);
+        let mut chosen = slot.backend(key)?;
+        chosen.hit = true;
         if slot.way != 0 {
             slot.put_front(slot.value);
         }

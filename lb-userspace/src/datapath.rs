@@ -60,11 +60,11 @@ use aya::{
     util::nr_cpus,
 };
 use lb_common::{
-    BACKEND_NONE, BPF_F_MMAPABLE, Backend, CONN_TABLE_CAPACITY, ConnParams, DECAP_STAT_COUNT,
-    GLOBAL_CONN_BUCKET_MASK, GLOBAL_CONN_SECRET, GlobalConfig, LAYOUT_VERSION, MAP_BACKEND_STATS,
-    MAP_BACKENDS, MAP_CONFIG, MAP_CONN_PARAMS, MAP_CONN_TABLE, MAP_DECAP_STATS, MAP_RING_LIVE,
-    MAP_RINGS, MAP_STATS, MAP_TX_PORTS, MAP_VIP_FILTER, MAP_VIP_FILTER_COPY, MAP_VIP_INDEX,
-    MAP_VIP_INDEX_LIVE, MAP_VIP_STATS, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, PROG_DECAP, PROG_LB,
+    BACKEND_NONE, BPF_F_MMAPABLE, Backend, CONN_TABLE_CAPACITY, ConnParams, Counters,
+    DECAP_STAT_COUNT, GLOBAL_CONN_BUCKET_MASK, GLOBAL_CONN_SECRET, GlobalConfig, LAYOUT_VERSION,
+    MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_CONN_PARAMS, MAP_CONN_TABLE, MAP_COUNTERS,
+    MAP_DECAP_STATS, MAP_RING_LIVE, MAP_RINGS, MAP_TX_PORTS, MAP_VIP_FILTER, MAP_VIP_FILTER_COPY,
+    MAP_VIP_INDEX, MAP_VIP_INDEX_LIVE, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, PROG_DECAP, PROG_LB,
     RING_CHUNK_SLOTS, RING_CHUNKS, RING_SLOT_NONE, RingChunk, STAT_COUNT, TrafficCounters,
     VIP_FILTER_WORDS, VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VipKey, VipMeta, VipSlot, conn_buckets,
     ring_index, vip_index_half, vip_index_home, vip_index_live, vip_index_probe, vip_index_salt,
@@ -151,7 +151,7 @@ impl Default for LoadOptions {
 
 /// Maps that carry state across restarts (all but the benchmark's and the
 /// decap program's).
-const PINNED_MAPS: [&str; 13] = [
+const PINNED_MAPS: [&str; 12] = [
     MAP_VIP_INDEX,
     MAP_VIP_INDEX_LIVE,
     MAP_RINGS,
@@ -162,8 +162,7 @@ const PINNED_MAPS: [&str; 13] = [
     MAP_VIP_FILTER,
     MAP_CONFIG,
     MAP_TX_PORTS,
-    MAP_STATS,
-    MAP_VIP_STATS,
+    MAP_COUNTERS,
     MAP_BACKEND_STATS,
 ];
 
@@ -303,9 +302,9 @@ pub struct DataplaneStats {
     pub backends: BTreeMap<u32, TrafficCounters>,
 }
 
-fn sum(values: &PerCpuValues<TrafficCounters>) -> TrafficCounters {
+fn sum(values: impl IntoIterator<Item = TrafficCounters>) -> TrafficCounters {
     values
-        .iter()
+        .into_iter()
         .fold(TrafficCounters::default(), |a, v| TrafficCounters {
             packets: a.packets + v.packets,
             bytes: a.bytes + v.bytes,
@@ -1139,29 +1138,27 @@ impl Datapath {
     /// Reads the counters (per-VIP and per-backend only for the ids of the
     /// applied plan).
     pub fn stats(&self) -> Result<DataplaneStats, DatapathError> {
-        let global: PerCpuArray<_, u64> = self.map(MAP_STATS)?;
+        let counters: PerCpuArray<_, Counters> = self.map(MAP_COUNTERS)?;
+        let per_cpu = counters.get(&0, 0).map_err(map_err(MAP_COUNTERS))?;
         let mut out = DataplaneStats {
             global: vec![0; STAT_COUNT as usize],
             ..Default::default()
         };
         for (i, slot) in out.global.iter_mut().enumerate() {
-            *slot = global
-                .get(&(i as u32), 0)
-                .map_err(map_err(MAP_STATS))?
-                .iter()
-                .sum();
+            *slot = per_cpu.iter().map(|c| c.global[i]).sum();
         }
         if let Some(plan) = &self.applied {
-            let vips: PerCpuArray<_, TrafficCounters> = self.map(MAP_VIP_STATS)?;
             for v in &plan.vips {
                 let id = v.meta.vip_id;
-                out.vips
-                    .insert(id, sum(&vips.get(&id, 0).map_err(map_err(MAP_VIP_STATS))?));
+                let on_cpus = per_cpu
+                    .iter()
+                    .filter_map(|c| c.vips.get(id as usize).copied());
+                out.vips.insert(id, sum(on_cpus));
             }
             let backends: PerCpuArray<_, TrafficCounters> = self.map(MAP_BACKEND_STATS)?;
             for b in &plan.backends {
                 let v = backends.get(&b.id, 0).map_err(map_err(MAP_BACKEND_STATS))?;
-                out.backends.insert(b.id, sum(&v));
+                out.backends.insert(b.id, sum(v.iter().copied()));
             }
         }
         Ok(out)
