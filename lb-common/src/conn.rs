@@ -49,9 +49,10 @@ const _: () = assert!(core::mem::size_of::<ConnBucket>() == 64);
 // Every backend id fits the way's 16 id bits.
 const _: () = assert!(crate::maps::MAX_BACKENDS <= 1 << 16);
 
-/// Value of `CONN_PARAMS` (index 0): how the data path finds a flow's
-/// bucket. Written by userspace when the table is created; kept with the
-/// pinned table (its entries are placed by this secret).
+/// Value of `CONN_PARAMS` (index 0): how flows are placed in the table.
+/// Kept with the pinned table (its entries are placed by this secret); the
+/// loader gives a program these values as load-time constants (the program
+/// does not read the map) and records them here after every load.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnParams {

@@ -128,8 +128,10 @@ pub fn vip_filter_word(word: u32) -> u64 {
 /// This CPU's counters.
 #[inline(always)]
 pub fn counters() -> Option<&'static mut Counters> {
-    // SAFETY: this CPU's element; the program runs with preemption (and
-    // migration) off, so nothing else writes it meanwhile.
+    // SAFETY: this CPU's element, valid for the program's run; the program
+    // runs with migration off, so no other CPU writes it (as with any
+    // per-CPU counter, a program preempting this one on the same CPU could
+    // lose an increment, never corrupt memory).
     COUNTERS.get_ptr_mut(0).map(|c| unsafe { &mut *c })
 }
 

@@ -28,7 +28,8 @@ pub struct Chosen {
     /// reuses it for the outer source instead of hashing again).
     pub hash: Option<u32>,
     /// Found by [`Conn::established`]: the connection-table hit is counted
-    /// with the packet's traffic counters.
+    /// with the packet's traffic counters. ([`lookup_only`] counts its own
+    /// hits and leaves this false.)
     pub hit: bool,
 }
 

@@ -707,6 +707,13 @@ impl Datapath {
                 global.config_generation, plan.global.config_generation
             ));
         }
+        let params: Array<_, ConnParams> = self.map(MAP_CONN_PARAMS)?;
+        if params.get(&0, 0).map_err(map_err(MAP_CONN_PARAMS))? != self.loaded.conn {
+            diffs.push(
+                "the connection table's recorded secret or bucket mask differs from the program's"
+                    .to_string(),
+            );
+        }
         let (word, slots) = read_vip_index(&self.loaded)?;
         let mut kernel_vips = std::collections::HashMap::new();
         for slot in slots.iter().filter(|s| s.key.family != 0) {

@@ -85,6 +85,9 @@ fn tables_replaced_under_traffic_never_misroute() {
     let first = plan(&config(0, 1), &IdAllocator::default()).expect("plan");
     writer.apply(&first).expect("apply");
     // A second program over the same (pinned) maps, for the traffic thread.
+    // It reads its own copy of the VIP address filter, filled from the
+    // pinned record when it adopts them and not by the writer's applies:
+    // the plans below change backends only, never the VIP address.
     let mut reader = Datapath::load(opts).expect("load a second handle");
     assert!(
         reader.adopted(),

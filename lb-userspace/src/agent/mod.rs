@@ -243,8 +243,9 @@ pub struct Agent {
 
 impl Agent {
     /// Loads and checks the config, loads (or adopts) the data path,
-    /// programs it and attaches (adopted maps: attaches first, then
-    /// programs). Health results are sent to `probes`.
+    /// programs it and attaches (on a restart whose earlier program still
+    /// forwards: attaches first, then programs). Health results are sent to
+    /// `probes`.
     pub fn start(
         opts: AgentOptions,
         probes: mpsc::Sender<ProbeResult<BackendKey>>,
@@ -274,12 +275,17 @@ impl Agent {
             guard: None,
         };
         let adopted_digest = agent.adopt()?;
-        // With adopted maps, our program takes over first: a program reads
-        // its own copy of the VIP address filter, written only through its
-        // own handle, so the earlier process's program would not see the
-        // filter changes of this apply.
-        let adopted = agent.datapath.adopted();
-        if adopted {
+        // If an earlier process's program still forwards on our interface
+        // (a restart), ours takes it over first: a program reads its own
+        // copy of the VIP address filter, written only through its own
+        // handle, so the earlier program would not see the filter changes
+        // of this apply. Otherwise (new maps, or pins left after a detach)
+        // the program is attached only once the config is applied.
+        let take_over = agent
+            .datapath
+            .pinned_interfaces()
+            .contains(&agent.config.agent.interface);
+        if take_over {
             agent.attach()?;
         }
         // A restart with the same file is not a change: same generation.
@@ -295,7 +301,7 @@ impl Agent {
             &Origin::new("start", "lbd", ""),
             &Gate::Policy { force: None },
         )?;
-        if !adopted {
+        if !take_over {
             agent.attach()?;
         }
         Ok(agent)
