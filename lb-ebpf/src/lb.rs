@@ -14,7 +14,7 @@ use lb_common::{
 use crate::{
     forward,
     maps::{
-        CONFIG, VIP_INDEX, VIP_INDEX_LIVE, add_traffic, count, count_backend, counters,
+        CONFIG, VIP_INDEX, VIP_INDEX_LIVE, add_traffic, count, count_backend, count_in, counters,
         vip_filter_word,
     },
     outcome::{COUNTED, Outcome},
@@ -370,9 +370,9 @@ fn bad_quote() -> Outcome {
 }
 
 /// Sends the packet to the chosen backend in its VIP's forwarding mode, and
-/// counts it: the connection-table hit of an established flow, and, if it
-/// was sent, the VIP's and the backend's traffic and the outcome (the
-/// returned outcome is then `COUNTED`). `cfg` is the global config when
+/// counts it: the connection-table hit of a flow found through its entry,
+/// and, if it was sent, the VIP's and the backend's traffic and the
+/// outcome (the returned outcome is then `COUNTED`). `cfg` is the global config when
 /// the caller has already read it (IP-in-IP needs it; an established flow's
 /// packet has not read it, and DSR never does).
 #[inline(always)]
@@ -404,21 +404,20 @@ fn forward(
     // its backend: the connection-table hit, the VIP's traffic and the
     // outcome. A packet counted here goes back as `COUNTED`.
     let mut outcome = outcome;
+    let sent = outcome.action != xdp_action::XDP_DROP;
     if let Some(c) = counters() {
         if chosen.hit {
-            c.global[STAT_CONN_HIT as usize] += 1;
+            count_in(c, STAT_CONN_HIT);
         }
-        if outcome.action != xdp_action::XDP_DROP {
+        if sent {
             if let Some(v) = c.vips.get_mut(backend.vip_id as usize) {
                 add_traffic(v, bytes, chosen.new_flow);
             }
-            if let Some(g) = c.global.get_mut(outcome.stat as usize) {
-                *g += 1;
-            }
+            count_in(c, outcome.stat);
             outcome.stat = COUNTED;
         }
     }
-    if outcome.action != xdp_action::XDP_DROP {
+    if sent {
         count_backend(chosen.id, bytes, chosen.new_flow);
     }
     outcome

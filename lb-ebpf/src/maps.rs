@@ -138,7 +138,16 @@ pub fn counters() -> Option<&'static mut Counters> {
 /// Adds one to a global counter.
 #[inline(always)]
 pub fn count(stat: u32) {
-    if let Some(g) = counters().and_then(|c| c.global.get_mut(stat as usize)) {
+    if let Some(c) = counters() {
+        count_in(c, stat);
+    }
+}
+
+/// Adds one to a global counter of `c` (an index out of range counts
+/// nothing).
+#[inline(always)]
+pub fn count_in(c: &mut Counters, stat: u32) {
+    if let Some(g) = c.global.get_mut(stat as usize) {
         *g += 1;
     }
 }

@@ -4,7 +4,7 @@
 use core::ptr::{read_volatile, write_volatile};
 
 use lb_common::{
-    BACKEND_F_ACTIVE, Backend, CONN_WAYS, ConnBucket, FlowWords, RING_CHUNK_SLOTS, STAT_CONN_HIT,
+    BACKEND_F_ACTIVE, Backend, CONN_WAYS, ConnBucket, FlowWords, RING_CHUNK_SLOTS,
     STAT_CONN_INSERT_FAIL, STAT_CONN_MISS, STAT_CONN_STALE, STAT_DROP_NO_BACKEND,
     VIP_F_SRC_AFFINITY, VipMeta, conn_bucket, conn_hash, conn_tag, conn_way, flow_hash_words,
     ring_index, ring_slot, way_backend, way_generation_matches, way_tag,
@@ -27,9 +27,8 @@ pub struct Chosen {
     /// `flow_hash` of the flow key, when choosing computed it (IP-in-IP
     /// reuses it for the outer source instead of hashing again).
     pub hash: Option<u32>,
-    /// Found by [`Conn::established`]: the connection-table hit is counted
-    /// with the packet's traffic counters. ([`lookup_only`] counts its own
-    /// hits and leaves this false.)
+    /// Found through a connection entry: the connection-table hit is
+    /// counted with the packet's traffic counters (in `forward`).
     pub hit: bool,
 }
 
@@ -178,7 +177,7 @@ fn entry_backend(way: u64, key: &FlowWords) -> Option<Chosen> {
             backend: b,
             new_flow: false,
             hash: None,
-            hit: false,
+            hit: true,
         })
     } else {
         None
@@ -200,8 +199,7 @@ impl Conn {
     #[inline(always)]
     pub fn established(&self, key: &FlowWords) -> Option<Chosen> {
         let slot = &self.0;
-        let mut chosen = slot.backend(key)?;
-        chosen.hit = true;
+        let chosen = slot.backend(key)?;
         if slot.way != 0 {
             slot.put_front(slot.value);
         }
@@ -241,11 +239,9 @@ pub fn lookup_only(meta: &VipMeta, key: &FlowWords, seed: u32) -> Result<Chosen,
     let slot = Slot::find(key);
     let found = if slot.has_entry() {
         let chosen = entry_backend(slot.value, key);
-        count(if chosen.is_some() {
-            STAT_CONN_HIT
-        } else {
-            STAT_CONN_STALE
-        });
+        if chosen.is_none() {
+            count(STAT_CONN_STALE);
+        }
         chosen
     } else {
         None

@@ -238,17 +238,18 @@ fn record_conn_params(loaded: &mut Loaded) -> Result<(), DatapathError> {
 /// `VIP_FILTER_WORDS` words.
 type FilterCopy = [u64; VIP_FILTER_WORDS as usize];
 
-/// The words of the VIP address filter: the pinned record
-/// ([`MAP_VIP_FILTER`]) or the program's copy ([`MAP_VIP_FILTER_COPY`]).
-fn read_filter(loaded: &Loaded, name: &'static str) -> Result<Vec<u64>, DatapathError> {
-    if name == MAP_VIP_FILTER_COPY {
-        let copy: Array<_, FilterCopy> = loaded.map(name)?;
-        return Ok(copy.get(&0, 0).map_err(map_err(name))?.to_vec());
-    }
-    let record: Array<_, u64> = loaded.map(name)?;
+/// The words of the VIP address filter's pinned record ([`MAP_VIP_FILTER`]).
+fn read_filter_record(loaded: &Loaded) -> Result<Vec<u64>, DatapathError> {
+    let record: Array<_, u64> = loaded.map(MAP_VIP_FILTER)?;
     (0..VIP_FILTER_WORDS)
-        .map(|i| record.get(&i, 0).map_err(map_err(name)))
+        .map(|i| record.get(&i, 0).map_err(map_err(MAP_VIP_FILTER)))
         .collect()
+}
+
+/// The program's copy of the VIP address filter ([`MAP_VIP_FILTER_COPY`]).
+fn read_filter_copy(loaded: &Loaded) -> Result<FilterCopy, DatapathError> {
+    let copy: Array<_, FilterCopy> = loaded.map(MAP_VIP_FILTER_COPY)?;
+    copy.get(&0, 0).map_err(map_err(MAP_VIP_FILTER_COPY))
 }
 
 /// Writes the program's copy of the VIP address filter (all words in one
@@ -561,7 +562,7 @@ impl Datapath {
                 *l = flags.get(&(id as u32), 0).map_err(map_err(MAP_RING_LIVE))? & 1;
             }
             // The program's own copy of the address filter starts empty.
-            let filter = read_filter(&loaded, MAP_VIP_FILTER)?;
+            let filter = read_filter_record(&loaded)?;
             write_filter_copy(&mut loaded, &filter)?;
             // Whatever the earlier process switched away from last is idle
             // after this.
@@ -760,8 +761,8 @@ impl Datapath {
                 ));
             }
         }
-        let record = read_filter(&self.loaded, MAP_VIP_FILTER)?;
-        let copy = read_filter(&self.loaded, MAP_VIP_FILTER_COPY)?;
+        let record = read_filter_record(&self.loaded)?;
+        let copy = read_filter_copy(&self.loaded)?;
         for (i, w) in plan.vip_filter.iter().enumerate() {
             if record.get(i) != Some(w) {
                 diffs.push(format!("VIP address filter word {i} differs"));
