@@ -3,15 +3,13 @@
 //! the thin datapath layer that loads, attaches and programs the XDP object.
 
 pub mod agent;
-pub mod config;
-pub mod control;
 pub mod datapath;
 pub mod health;
-pub mod maglev;
-pub mod model;
-pub mod plan;
-pub mod policy;
 pub mod simulate;
+
+// The pure control plane lives in `lb-control`; these re-exports keep every
+// `lb_userspace::config::...` (and `crate::plan::...`) path working.
+pub use lb_control::{config, control, digest, maglev, model, plan, policy};
 
 /// The compiled XDP object (built by build.rs from `lb-ebpf`).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

@@ -12,16 +12,8 @@ use std::{
     time::SystemTime,
 };
 
+pub use lb_control::control::Approval;
 use serde::{Deserialize, Serialize};
-
-/// One review of a plan.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Approval {
-    pub reviewer: String,
-    #[serde(default)]
-    pub comment: String,
-    pub at_unix: u64,
-}
 
 /// One entry of the history.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -112,15 +112,24 @@ impl PlanDoc {
             self.base_config_digest,
             self.source
         );
-        format!("{:016x}", crate::agent::state::digest(&text))
+        format!("{:016x}", crate::digest::text_digest(&text))
     }
+}
+
+/// One review of a plan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    pub reviewer: String,
+    #[serde(default)]
+    pub comment: String,
+    pub at_unix: u64,
 }
 
 /// Result of `approve`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ApproveReport {
     pub digest: String,
-    pub approvals: Vec<crate::agent::history::Approval>,
+    pub approvals: Vec<Approval>,
     pub needed: u32,
 }
 

@@ -14,7 +14,7 @@
 
 use std::path::{Path, PathBuf};
 
-use lb_userspace::config::{self, BackendEdit, ConfigIssue, HostChecks};
+use lb_control::config::{self, BackendEdit, ConfigIssue, HostChecks};
 
 struct Case {
     path: PathBuf,
@@ -150,7 +150,7 @@ fn example_passes() {
     assert!(!cfg.vips.is_empty());
     // The planner takes what the example describes, everything healthy.
     let spec = cfg.dataplane_spec(1, &|_, _| true);
-    lb_userspace::plan::plan(&spec, &lb_userspace::plan::IdAllocator::default())
+    lb_control::plan::plan(&spec, &lb_control::plan::IdAllocator::default())
         .unwrap_or_else(|e| panic!("EXAMPLE does not plan: {e}"));
 }
 
@@ -199,7 +199,7 @@ fn readme_example_matches() {
         assert_eq!(
             block,
             config::EXAMPLE,
-            "README.md's example config differs from lb_userspace::config::EXAMPLE"
+            "README.md's example config differs from lb_control::config::EXAMPLE"
         );
     }
 }
