@@ -246,6 +246,23 @@ pub struct StatusReport {
     /// The guard watching the last change, if any.
     #[serde(default)]
     pub guard: Option<String>,
+    /// The last config change recorded in the history (not guard verdicts).
+    #[serde(default)]
+    pub last_change: Option<LastChange>,
+    /// Rollbacks the guard made since the agent started.
+    #[serde(default)]
+    pub guard_rollbacks: u64,
+}
+
+/// The last recorded config change: what alerts name as the likely cause.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastChange {
+    pub generation: u64,
+    /// start, reload, backend, apply, rollback, health, ...
+    pub kind: String,
+    /// Who asked, as recorded in the history.
+    pub actor: String,
+    pub at_unix: u64,
 }
 
 /// One VIP in `lbctl status`.
@@ -261,6 +278,9 @@ pub struct VipStatus {
     pub fleet_digest: String,
     /// Set while the health safety valve holds the last healthy set.
     pub valve_alert: Option<String>,
+    /// The fewest serving backends the VIP's policy allows.
+    #[serde(default)]
+    pub min_backends: u32,
     pub backends: Vec<BackendStatus>,
 }
 

@@ -89,6 +89,68 @@ fn check_metrics(net: &LabNet, lbd: &Lbd) {
         "{body}"
     );
     assert!(body.contains("lb_datapath_verify_differences 0"), "{body}");
+    let exposition = body
+        .split_once("\r\n\r\n")
+        .map_or(body.as_str(), |(_, b)| b);
+    check_exposition_serves_the_alert_rules(exposition);
+}
+
+/// The shipped alert rules (deploy/prometheus/xlb-rules.yml) only use
+/// metrics that a real lbd exports, and Prometheus' own linter accepts the
+/// exposition (`promtool check metrics`).
+fn check_exposition_serves_the_alert_rules(exposition: &str) {
+    let rules_path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/prometheus/xlb-rules.yml"
+    );
+    let rules = std::fs::read_to_string(rules_path).expect("read the alert rules");
+    let mut names: Vec<&str> = rules
+        .match_indices("lb_")
+        .filter(|(i, _)| {
+            // A metric name, not the tail of a recorded `xlb:...` name.
+            *i == 0
+                || !rules.as_bytes()[i - 1].is_ascii_alphanumeric()
+                    && rules.as_bytes()[i - 1] != b':'
+        })
+        .map(|(i, _)| {
+            let rest = &rules[i..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    assert!(names.len() >= 10, "found only {names:?} in {rules_path}");
+    for name in &names {
+        assert!(
+            exposition.lines().any(|l| l
+                .strip_prefix(name)
+                .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))),
+            "the alert rules use {name}, which lbd does not export:\n{exposition}"
+        );
+    }
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run promtool (installed by scripts/setup.sh: Debian prometheus)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(exposition.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics refused lbd's exposition:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

@@ -24,8 +24,9 @@ enum Task {
     /// Install what the build needs: nightly rust-src, bpf-linker (built
     /// against the nightly's LLVM into .tools/), Debian packages, bpffs.
     Setup,
-    /// The whole test suite: set-up, rustfmt check, clippy -D warnings, and
-    /// every unit, kernel (BPF_PROG_TEST_RUN) and network-namespace test.
+    /// The whole test suite: set-up, rustfmt check, clippy -D warnings, the
+    /// Prometheus alert rules (promtool check and unit tests), and every
+    /// unit, kernel (BPF_PROG_TEST_RUN) and network-namespace test.
     /// Needs root.
     Test {
         /// Extra arguments passed to `cargo test` (e.g. a test name filter).
@@ -118,6 +119,22 @@ fn main() -> anyhow::Result<()> {
                     "--",
                     "-D",
                     "warnings",
+                ]),
+            )?;
+            run(
+                "alert rules (promtool check rules)",
+                Command::new("promtool").args([
+                    "check",
+                    "rules",
+                    "deploy/prometheus/xlb-rules.yml",
+                ]),
+            )?;
+            run(
+                "alert rule unit tests (promtool test rules)",
+                Command::new("promtool").args([
+                    "test",
+                    "rules",
+                    "deploy/prometheus/xlb-rules.test.yml",
                 ]),
             )?;
             run(

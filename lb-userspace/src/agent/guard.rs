@@ -102,6 +102,7 @@ impl Agent {
         match verdict {
             Some(reason) => {
                 self.guard = None;
+                self.guard_rollbacks += 1;
                 self.event(&format!(
                     "ALERT guard: generation {} misbehaves: {reason}; rolling back to {}",
                     g.generation, g.restore

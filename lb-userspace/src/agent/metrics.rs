@@ -63,6 +63,35 @@ pub fn render(status: &StatusReport, traffic: &StatsReport) -> String {
     );
     header(
         &mut o,
+        "lb_guard_rollbacks_total",
+        "counter",
+        "Changes the guard rolled back since the agent started.",
+    );
+    let _ = writeln!(o, "lb_guard_rollbacks_total {}", status.guard_rollbacks);
+    if let Some(c) = &status.last_change {
+        header(
+            &mut o,
+            "lb_last_change_info",
+            "gauge",
+            "The last config change in the history: its generation, kind and actor (value 1).",
+        );
+        let _ = writeln!(
+            o,
+            "lb_last_change_info{{generation=\"{}\",kind=\"{}\",actor=\"{}\"}} 1",
+            c.generation,
+            esc(&c.kind),
+            esc(&c.actor)
+        );
+        header(
+            &mut o,
+            "lb_last_change_timestamp_seconds",
+            "gauge",
+            "When the last config change was recorded (Unix time).",
+        );
+        let _ = writeln!(o, "lb_last_change_timestamp_seconds {}", c.at_unix);
+    }
+    header(
+        &mut o,
         "lb_packets_total",
         "counter",
         "Packets by outcome or reason (see README, counters).",
@@ -83,6 +112,21 @@ pub fn render(status: &StatusReport, traffic: &StatsReport) -> String {
             esc(&v.vip),
             esc(&v.name),
             u8::from(v.valve_alert.is_some())
+        );
+    }
+    header(
+        &mut o,
+        "lb_vip_min_backends",
+        "gauge",
+        "The fewest serving backends the VIP's policy allows (min_backends).",
+    );
+    for v in &status.vips {
+        let _ = writeln!(
+            o,
+            "lb_vip_min_backends{{vip=\"{}\",name=\"{}\"}} {}",
+            esc(&v.vip),
+            esc(&v.name),
+            v.min_backends
         );
     }
     header(

@@ -239,6 +239,11 @@ pub struct Agent {
     monitor: Monitor<BackendKey>,
     samples: VecDeque<(Instant, DataplaneStats)>,
     guard: Option<guard::Guard>,
+    /// Rollbacks the guard made since start (a metric).
+    guard_rollbacks: u64,
+    /// The last config change written to the history (for status and the
+    /// alerts' annotations); a cell because recording takes `&self`.
+    last_change: std::cell::RefCell<Option<crate::control::LastChange>>,
 }
 
 impl Agent {
@@ -273,6 +278,8 @@ impl Agent {
             monitor: Monitor::new(probes),
             samples: VecDeque::new(),
             guard: None,
+            guard_rollbacks: 0,
+            last_change: std::cell::RefCell::new(None),
         };
         let adopted_digest = agent.adopt()?;
         // If an earlier process's program still forwards on our interface
@@ -792,9 +799,27 @@ impl Agent {
     /// Appends to the history; a failure is logged (the change itself is
     /// already live).
     fn record(&self, rec: history::Record) {
+        if rec.kind != "guard" {
+            *self.last_change.borrow_mut() = Some(crate::control::LastChange {
+                generation: rec.generation,
+                kind: rec.kind.clone(),
+                actor: rec.actor.clone(),
+                at_unix: rec.at_unix,
+            });
+        }
         if let Err(e) = history::append(&self.config.agent.state_dir, rec) {
             tracing::error!("appending to the history failed: {e}");
         }
+    }
+
+    /// The last config change recorded in the history since start.
+    pub fn last_change(&self) -> Option<crate::control::LastChange> {
+        self.last_change.borrow().clone()
+    }
+
+    /// Rollbacks the guard made since start.
+    pub const fn guard_rollbacks(&self) -> u64 {
+        self.guard_rollbacks
     }
 
     /// Detaches the XDP program (`lbctl datapath detach`).

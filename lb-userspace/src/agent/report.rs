@@ -66,6 +66,7 @@ pub fn status(agent: &Agent) -> StatusReport {
                     .map(|d| format!("{d:016x}"))
                     .unwrap_or_default(),
                 valve_alert: agent.valve_alerts().get(&id).cloned(),
+                min_backends: v.min_backends(&cfg.policy),
                 backends: v
                     .backends
                     .iter()
@@ -112,6 +113,8 @@ pub fn status(agent: &Agent) -> StatusReport {
         vips,
         events: agent.events().cloned().collect(),
         guard: agent.guard_status(),
+        last_change: agent.last_change(),
+        guard_rollbacks: agent.guard_rollbacks(),
     }
 }
 
