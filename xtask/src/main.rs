@@ -101,49 +101,44 @@ unsafe extern "C" {
     fn geteuid() -> u32;
 }
 
+/// `cargo xtask test`: the whole suite, in the order CI runs it.
+fn test_suite(args: &[String]) -> anyhow::Result<()> {
+    require_root("test")?;
+    setup()?;
+    run("rustfmt check", cargo().args(["fmt", "--all", "--check"]))?;
+    run(
+        "clippy (warnings are errors)",
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--exclude",
+            "lb-ebpf",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    run(
+        "alert rules (promtool check rules)",
+        Command::new("promtool").args(["check", "rules", "deploy/prometheus/xlb-rules.yml"]),
+    )?;
+    run(
+        "alert rule unit tests (promtool test rules)",
+        Command::new("promtool").args(["test", "rules", "deploy/prometheus/xlb-rules.test.yml"]),
+    )?;
+    run(
+        "tests",
+        cargo()
+            .args(["test", "--workspace", "--exclude", "lb-ebpf"])
+            .args(args),
+    )
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Setup => setup(),
-        Task::Test { args } => {
-            require_root("test")?;
-            setup()?;
-            run("rustfmt check", cargo().args(["fmt", "--all", "--check"]))?;
-            run(
-                "clippy (warnings are errors)",
-                cargo().args([
-                    "clippy",
-                    "--workspace",
-                    "--exclude",
-                    "lb-ebpf",
-                    "--all-targets",
-                    "--",
-                    "-D",
-                    "warnings",
-                ]),
-            )?;
-            run(
-                "alert rules (promtool check rules)",
-                Command::new("promtool").args([
-                    "check",
-                    "rules",
-                    "deploy/prometheus/xlb-rules.yml",
-                ]),
-            )?;
-            run(
-                "alert rule unit tests (promtool test rules)",
-                Command::new("promtool").args([
-                    "test",
-                    "rules",
-                    "deploy/prometheus/xlb-rules.test.yml",
-                ]),
-            )?;
-            run(
-                "tests",
-                cargo()
-                    .args(["test", "--workspace", "--exclude", "lb-ebpf"])
-                    .args(&args),
-            )
-        }
+        Task::Test { args } => test_suite(&args),
         Task::Bench { runs, calls } => {
             require_root("bench")?;
             setup()?;
