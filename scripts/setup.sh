@@ -7,7 +7,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PREFIX="$ROOT/.tools"
 BPF_LINKER_VERSION=0.13.0
-DEBIAN_PKGS=(iproute2 ethtool curl bpftool prometheus)
+DEBIAN_PKGS=(iproute2 ethtool curl bpftool prometheus systemd)
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 

@@ -256,6 +256,12 @@ impl Lbd {
 
     /// Starts `lbd` inside `ns` and waits until it answers `status`.
     pub fn start(&mut self, ns: &NetNs) {
+        self.start_with_env(ns, &[]);
+    }
+
+    /// `start` with extra environment variables (e.g. systemd's
+    /// `NOTIFY_SOCKET`).
+    pub fn start_with_env(&mut self, ns: &NetNs, env: &[(&str, &str)]) {
         assert!(self.child.is_none(), "lbd already running");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -270,6 +276,7 @@ impl Lbd {
                 "LBD_LOG",
                 std::env::var("LBD_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)

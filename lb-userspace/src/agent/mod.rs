@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod report;
 pub mod server;
 pub mod state;
+pub mod systemd;
 pub mod workflow;
 
 use std::{

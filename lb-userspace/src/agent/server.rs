@@ -26,7 +26,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound on a clean stop.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
-type Shared = Arc<Mutex<Agent>>;
+pub(super) type Shared = Arc<Mutex<Agent>>;
 
 /// Runs the agent until SIGTERM/SIGINT. Returns an error only for start-up
 /// failures (bad config, data path, sockets).
@@ -93,6 +93,9 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         })
     };
 
+    let watchdog = super::systemd::spawn_watchdog(agent.clone());
+    super::systemd::ready(&*agent.lock().await);
+
     let mut hup = signal(SignalKind::hangup()).map_err(|e| AgentError::Io(e.to_string()))?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| AgentError::Io(e.to_string()))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| AgentError::Io(e.to_string()))?;
@@ -100,17 +103,23 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         tokio::select! {
             _ = hup.recv() => {
                 let mut a = agent.lock().await;
+                super::systemd::reloading();
                 match tokio::task::block_in_place(|| a.reload(&super::Origin::new("reload", "SIGHUP", ""), None)) {
                     Ok(r) => tracing::info!("reload: {}", r.summary),
                     Err(e) => tracing::error!("reload rejected, running config unchanged: {e}"),
                 }
+                super::systemd::ready(&a);
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
     tracing::info!("stopping");
-    for t in [probes, sampler, control_task, http_task] {
+    super::systemd::stopping();
+    for t in [probes, sampler, control_task, http_task]
+        .into_iter()
+        .chain(watchdog)
+    {
         t.abort();
     }
     let _ = std::fs::remove_file(&socket_path);

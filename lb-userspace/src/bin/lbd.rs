@@ -2,8 +2,10 @@
 //! program (adopting pinned maps and links of an earlier run), programs the
 //! maps, runs health probes, and serves the control API (`lbctl`) and
 //! Prometheus metrics. SIGHUP reloads the config; SIGTERM/SIGINT stop the
-//! agent but not forwarding (unless `--detach-on-exit`).
-use std::{path::PathBuf, process::ExitCode};
+//! agent but not forwarding (unless `--detach-on-exit`). Under systemd
+//! (`Type=notify`, deploy/systemd/lbd.service) it reports readiness, reloads
+//! and stops, and serves the watchdog.
+use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 
 use clap::Parser;
 use lb_userspace::agent::{AgentError, AgentOptions, server};
@@ -21,17 +23,33 @@ struct Args {
     /// Log filter (tracing env-filter syntax), e.g. "info" or "lb_userspace=debug".
     #[arg(long, env = "LBD_LOG", default_value = "info")]
     log: String,
+    /// Log format on standard error: "text" (colour only on a terminal,
+    /// plain under journald or in a file) or "json" (one object per line).
+    #[arg(long, env = "LBD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(filter: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&args.log)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(&args.log, args.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
