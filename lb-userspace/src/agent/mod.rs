@@ -14,12 +14,13 @@ pub mod history;
 pub mod metrics;
 pub mod report;
 pub mod server;
+pub mod serving;
 pub mod state;
 pub mod systemd;
 pub mod workflow;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet, VecDeque},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     time::{Instant, SystemTime},
@@ -32,7 +33,7 @@ use crate::{
     config::{self, AdminState, Config, HostChecks, VipConfig, XdpAttachMode},
     control::{BackendOp, ChangeReport},
     datapath::{Datapath, DatapathError, DataplaneStats, LoadOptions},
-    health::{self, Health, Monitor, ProbeResult, Target, Tracker},
+    health::{Health, Monitor, ProbeResult, Target, Tracker},
     model::{BackendState, VipId},
     plan::{self, IdAllocator, MapPlan},
     policy,
@@ -407,48 +408,12 @@ impl Agent {
     /// Which backends health (after the safety valve) lets serve, per VIP,
     /// and the VIPs whose valve is holding (with the reason).
     fn serve_sets(&self, cfg: &Config) -> (ServeSets, BTreeMap<VipId, String>) {
-        let mut out = BTreeMap::new();
-        let mut alerts = BTreeMap::new();
-        for vip in &cfg.vips {
-            let id = vip.id();
-            let down: BTreeSet<IpAddr> = vip
-                .backends
-                .iter()
-                .filter(|b| {
-                    self.trackers
-                        .get(&(id, b.address))
-                        .is_some_and(|t| t.health() == Health::Down)
-                })
-                .map(|b| b.address)
-                .collect();
-            let eligible: Vec<IpAddr> = vip.eligible_backends().map(|b| b.address).collect();
-            let last = self
-                .served
-                .get(&id)
-                .cloned()
-                .unwrap_or_else(|| eligible.iter().copied().collect());
-            let decision = health::safety_valve(health::ValveInput {
-                eligible: &eligible,
-                down: &down,
-                last_served: &last,
-                max_unhealthy_share: cfg.policy.max_unhealthy_share,
-            });
-            if let Some(reason) = decision.reason.filter(|_| decision.tripped) {
-                alerts.insert(id, reason);
-            }
-            let mut serve = decision.serve;
-            // Backends not taking new flows (drain, weight 0) are not the
-            // valve's business: they serve while healthy.
-            let eligible: HashSet<IpAddr> = eligible.into_iter().collect();
-            serve.extend(
-                vip.backends
-                    .iter()
-                    .filter(|b| !eligible.contains(&b.address) && !down.contains(&b.address))
-                    .map(|b| b.address),
-            );
-            out.insert(id, serve);
-        }
-        (out, alerts)
+        let is_down = |id, address| {
+            self.trackers
+                .get(&(id, address))
+                .is_some_and(|t| t.health() == Health::Down)
+        };
+        serving::serve_sets(cfg, is_down, &self.served)
     }
 
     /// Plans `cfg` at `generation` against what is live (nothing written).
