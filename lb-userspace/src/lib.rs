@@ -6,6 +6,7 @@ pub mod agent;
 pub mod datapath;
 pub mod health;
 pub mod simulate;
+pub mod testing;
 
 // The pure control plane lives in `lb-control`; these re-exports keep every
 // `lb_userspace::config::...` (and `crate::plan::...`) path working.

@@ -17,6 +17,8 @@ pub mod server;
 pub mod serving;
 pub mod state;
 pub mod systemd;
+#[cfg(test)]
+mod tests;
 pub mod workflow;
 
 use std::{
@@ -32,7 +34,7 @@ use tokio::sync::mpsc;
 use crate::{
     config::{self, AdminState, Config, HostChecks, VipConfig, XdpAttachMode},
     control::{BackendOp, ChangeReport},
-    datapath::{Datapath, DatapathError, DataplaneStats, LoadOptions},
+    datapath::{Datapath, DatapathError, Dataplane, DataplaneStats, LoadOptions},
     health::{Health, Monitor, ProbeResult, Target, Tracker},
     model::{BackendState, VipId},
     plan::{self, IdAllocator, MapPlan},
@@ -225,7 +227,7 @@ pub struct Agent {
     opts: AgentOptions,
     config: Config,
     source: String,
-    datapath: Datapath,
+    datapath: Box<dyn Dataplane>,
     generation: u64,
     /// Allocator to plan from when nothing is applied yet.
     base_allocator: IdAllocator,
@@ -263,6 +265,25 @@ impl Agent {
             conn_table_capacity: a.conn_table_capacity,
             pin_dir: Some(a.pin_dir.clone()),
         })?;
+        Self::start_on(opts, probes, (config, source), Box::new(datapath))
+    }
+
+    /// [`Agent::start`] on a given data path (an in-memory one in tests).
+    pub fn start_with(
+        opts: AgentOptions,
+        probes: mpsc::Sender<ProbeResult<BackendKey>>,
+        datapath: Box<dyn Dataplane>,
+    ) -> Result<Self, AgentError> {
+        let loaded = config::load(&opts.config_path, HostChecks::Yes)?;
+        Self::start_on(opts, probes, loaded, datapath)
+    }
+
+    fn start_on(
+        opts: AgentOptions,
+        probes: mpsc::Sender<ProbeResult<BackendKey>>,
+        (config, source): (Config, String),
+        datapath: Box<dyn Dataplane>,
+    ) -> Result<Self, AgentError> {
         let mut agent = Self {
             opts,
             datapath,
@@ -837,8 +858,8 @@ impl Agent {
     pub fn generation(&self) -> u64 {
         self.generation
     }
-    pub fn datapath(&self) -> &Datapath {
-        &self.datapath
+    pub fn datapath(&self) -> &dyn Dataplane {
+        self.datapath.as_ref()
     }
     pub fn applied(&self) -> Option<&MapPlan> {
         self.datapath.applied()

@@ -180,6 +180,88 @@ pub struct Applied {
     pub live_at: Instant,
 }
 
+/// What the agent needs of the kernel: the seam between the agent's rules
+/// (workflow, guard, safety valve) and the maps. [`Datapath`] implements it
+/// on the real kernel; `crate::testing::MemoryDataplane` in memory, so
+/// those rules are unit-tested without root (as Katran's adapter and
+/// testing mode allow).
+pub trait Dataplane: Send {
+    /// Whether the maps were adopted from pins an earlier process left.
+    fn adopted(&self) -> bool;
+    /// Interfaces with a pinned link of this layout.
+    fn pinned_interfaces(&self) -> Vec<String>;
+    /// Removes the pinned link of `iface` this handle does not hold.
+    fn detach_pinned(&mut self, iface: &str) -> Result<(), DatapathError>;
+    /// Interfaces IP-in-IP may leave by (XDP_REDIRECT targets).
+    fn set_egress_interfaces(&mut self, ifindexes: &[u32]) -> Result<(), DatapathError>;
+    /// Attaches the program to `iface`.
+    fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<(), DatapathError>;
+    /// Detaches from every interface (forwarding stops).
+    fn detach(&mut self) -> Result<(), DatapathError>;
+    /// The plan last applied, if any.
+    fn applied(&self) -> Option<&MapPlan>;
+    /// Records `plan` as what the (adopted, verified) maps hold.
+    fn assume_applied(&mut self, plan: MapPlan);
+    /// Writes `plan`; on failure the previous plan is restored (the error
+    /// says if that failed too).
+    fn apply(&mut self, plan: &MapPlan) -> Result<Applied, DatapathError>;
+    /// The differences between the maps and `plan` (empty: identical).
+    fn verify(&self, plan: &MapPlan) -> Result<Vec<String>, DatapathError>;
+    /// Generations of every backend id the maps hold an entry for.
+    fn backend_generations(&self) -> Result<BTreeMap<u32, u32>, DatapathError>;
+    /// Removes every VIP and backend entry `plan` does not name.
+    fn remove_unplanned(&mut self, plan: &MapPlan) -> Result<(), DatapathError>;
+    /// The counters, summed over CPUs.
+    fn stats(&self) -> Result<DataplaneStats, DatapathError>;
+    /// The config generation the maps carry.
+    fn live_generation(&self) -> Result<u64, DatapathError>;
+}
+
+impl Dataplane for Datapath {
+    fn adopted(&self) -> bool {
+        Datapath::adopted(self)
+    }
+    fn pinned_interfaces(&self) -> Vec<String> {
+        Datapath::pinned_interfaces(self)
+    }
+    fn detach_pinned(&mut self, iface: &str) -> Result<(), DatapathError> {
+        Datapath::detach_pinned(self, iface)
+    }
+    fn set_egress_interfaces(&mut self, ifindexes: &[u32]) -> Result<(), DatapathError> {
+        Datapath::set_egress_interfaces(self, ifindexes)
+    }
+    fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<(), DatapathError> {
+        Datapath::attach(self, iface, mode)
+    }
+    fn detach(&mut self) -> Result<(), DatapathError> {
+        Datapath::detach(self)
+    }
+    fn applied(&self) -> Option<&MapPlan> {
+        Datapath::applied(self)
+    }
+    fn assume_applied(&mut self, plan: MapPlan) {
+        Datapath::assume_applied(self, plan);
+    }
+    fn apply(&mut self, plan: &MapPlan) -> Result<Applied, DatapathError> {
+        Datapath::apply(self, plan)
+    }
+    fn verify(&self, plan: &MapPlan) -> Result<Vec<String>, DatapathError> {
+        Datapath::verify(self, plan)
+    }
+    fn backend_generations(&self) -> Result<BTreeMap<u32, u32>, DatapathError> {
+        Datapath::backend_generations(self)
+    }
+    fn remove_unplanned(&mut self, plan: &MapPlan) -> Result<(), DatapathError> {
+        Datapath::remove_unplanned(self, plan)
+    }
+    fn stats(&self) -> Result<DataplaneStats, DatapathError> {
+        Datapath::stats(self)
+    }
+    fn live_generation(&self) -> Result<u64, DatapathError> {
+        Datapath::live_generation(self)
+    }
+}
+
 impl Datapath {
     /// Loads the embedded object and the `xdp_lb` program (not attached).
     pub fn load(opts: LoadOptions) -> Result<Self, DatapathError> {
