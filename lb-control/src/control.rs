@@ -174,12 +174,45 @@ impl BackendOp {
     }
 }
 
+/// What kind of failure an error answer reports: stable names a client can
+/// act on (`lbctl` maps them to its exit codes). A kind this client does
+/// not know reads as `Other`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorKind {
+    /// The config (file, candidate or edit) is invalid or cannot be planned.
+    InvalidConfig,
+    /// The request itself is malformed.
+    InvalidRequest,
+    /// The change policy refused the change.
+    PolicyRefused,
+    /// The plan was made against a generation that is no longer live.
+    StalePlan,
+    /// The plan lacks approvals.
+    Unapproved,
+    /// The plan document is not one the agent issued, unedited.
+    PlanRejected,
+    /// Another refusal (review, rollback).
+    Refused,
+    /// The data path is detached.
+    Detached,
+    /// Writing or reading the data path failed.
+    Datapath,
+    /// A file, socket or host resource failed.
+    Io,
+    #[serde(other)]
+    Other,
+}
+
 /// The agent's answer: `ok` with a payload, or an error for the operator.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Response {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The error's kind (agents before this field sent none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<ErrorKind>,
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub data: serde_json::Value,
 }
@@ -191,6 +224,7 @@ impl Response {
             Ok(data) => Self {
                 ok: true,
                 error: None,
+                kind: None,
                 data,
             },
             Err(e) => Self::err(format!("encoding the answer failed: {e}")),
@@ -202,7 +236,16 @@ impl Response {
         Self {
             ok: false,
             error: Some(message.into()),
+            kind: None,
             data: serde_json::Value::Null,
+        }
+    }
+
+    /// A failure of a known kind.
+    pub fn error(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind: Some(kind),
+            ..Self::err(message)
         }
     }
 }
@@ -400,5 +443,23 @@ mod tests {
             }
         ));
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"format-disk"}"#).is_err());
+    }
+
+    #[test]
+    fn error_kinds_have_stable_names_and_unknown_ones_read_as_other() {
+        let r = Response::error(ErrorKind::StalePlan, "plan 1 is stale");
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"ok":false,"error":"plan 1 is stale","kind":"stale-plan"}"#
+        );
+        let older: Response = serde_json::from_str(r#"{"ok":false,"error":"x"}"#).unwrap();
+        assert_eq!(older.kind, None);
+        let newer: Response =
+            serde_json::from_str(r#"{"ok":false,"error":"x","kind":"brand-new"}"#).unwrap();
+        assert_eq!(newer.kind, Some(ErrorKind::Other));
+        assert_eq!(
+            serde_json::to_string(&Response::ok(&1)).unwrap(),
+            r#"{"ok":true,"data":1}"#
+        );
     }
 }

@@ -171,7 +171,11 @@ fn agent_programs_reloads_and_edits_backends() {
     let gen_before = lbd.status().generation;
     lbd.write_config(&good.replacen("weight = 100", "weight = 100000", 1));
     let out = lbd.lbctl(&["reload"]);
-    assert_eq!(out.status.code(), Some(1), "reload of a bad file must fail");
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "reload of a bad file must fail as an invalid config"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("weight") && err.contains("100000"),
@@ -248,9 +252,9 @@ fn agent_programs_reloads_and_edits_backends() {
         "held connections broke on weight change"
     );
 
-    // Unknown VIP/backend: clear refusal, exit 1.
+    // Unknown VIP/backend: clear refusal, exit 64 (invalid edit).
     let out = lbd.lbctl(&["backend", "drain", "nope", "198.18.2.1"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
 
     check_metrics(&net, &lbd);

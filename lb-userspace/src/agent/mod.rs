@@ -9,6 +9,7 @@
 //! the config file. A failure anywhere leaves the live config and the data
 //! path exactly as they were.
 
+mod error;
 pub mod guard;
 pub mod history;
 pub mod metrics;
@@ -29,12 +30,13 @@ use std::{
 };
 
 use aya::programs::XdpMode;
+pub use error::{AgentError, Refusal};
 use tokio::sync::mpsc;
 
 use crate::{
     config::{self, AdminState, Config, HostChecks, VipConfig, XdpAttachMode},
     control::{BackendOp, ChangeReport},
-    datapath::{Datapath, DatapathError, Dataplane, DataplaneStats, LoadOptions},
+    datapath::{Datapath, Dataplane, DataplaneStats, LoadOptions},
     health::{Health, Monitor, ProbeResult, Target, Tracker},
     model::{BackendState, VipId},
     plan::{self, IdAllocator, MapPlan},
@@ -188,26 +190,6 @@ pub struct Prepared {
     before: IdAllocator,
     pub planned: MapPlan,
     pub verdict: policy::Verdict,
-}
-
-/// Why the agent could not do something. Every variant leaves the live
-/// config and the data path as they were.
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    #[error("config rejected, nothing changed:\n{0}")]
-    Config(#[from] config::ConfigErrors),
-    #[error("config cannot be planned, nothing changed: {0}")]
-    Plan(#[from] plan::PlanError),
-    #[error("data path: {0}")]
-    Datapath(#[from] DatapathError),
-    #[error("{0}")]
-    Io(String),
-    #[error("refused by policy, nothing changed:\n  {}\n(fix the change, or override with --force --reason \"...\"; overrides are recorded)", .0.join("\n  "))]
-    Policy(Vec<String>),
-    #[error("{0}")]
-    Refused(String),
-    #[error("the data path is detached (`lbctl datapath detach`); restart lbd to attach again")]
-    Detached,
 }
 
 /// How `lbd` was started.
@@ -405,10 +387,10 @@ impl Agent {
         };
         let mut egress = Vec::new();
         for name in std::iter::once(&a.interface).chain(&a.egress_interfaces) {
-            egress.push(
-                config::interface_index(name)
-                    .ok_or_else(|| AgentError::Io(format!("interface {name} does not exist")))?,
-            );
+            egress
+                .push(config::interface_index(name).ok_or_else(|| {
+                    AgentError::io(format!("interface {name}"), "does not exist")
+                })?);
         }
         self.datapath.set_egress_interfaces(&egress)?;
         self.datapath.attach(&iface, mode)?;

@@ -17,7 +17,7 @@ use tokio::{
 };
 
 use super::{Agent, AgentError, AgentOptions, metrics, report};
-use crate::control::{Request, Response};
+use crate::control::{ErrorKind, Request, Response};
 
 /// Largest request line accepted on the control socket.
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -40,7 +40,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let control = bind_control(&socket_path)?;
     let http = TcpListener::bind(metrics_addr)
         .await
-        .map_err(|e| AgentError::Io(format!("metrics address {metrics_addr}: {e}")))?;
+        .map_err(|e| AgentError::io(format!("metrics address {metrics_addr}"), e))?;
     tracing::info!(
         "control socket {}, metrics http://{metrics_addr}/metrics",
         socket_path.display()
@@ -96,9 +96,11 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let watchdog = super::systemd::spawn_watchdog(agent.clone());
     super::systemd::ready(&*agent.lock().await);
 
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| AgentError::Io(e.to_string()))?;
-    let mut term = signal(SignalKind::terminate()).map_err(|e| AgentError::Io(e.to_string()))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| AgentError::Io(e.to_string()))?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| AgentError::io("SIGHUP handler", e))?;
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| AgentError::io("SIGTERM handler", e))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| AgentError::io("SIGINT handler", e))?;
     loop {
         tokio::select! {
             _ = hup.recv() => {
@@ -135,7 +137,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
 /// only), a stale socket of a dead agent replaced, a live one refused.
 fn bind_control(path: &Path) -> Result<UnixListener, AgentError> {
     let io = |what: &str, e: std::io::Error| {
-        AgentError::Io(format!("control socket {}: {what}: {e}", path.display()))
+        AgentError::io(format!("control socket {}: {what}", path.display()), e)
     };
     if let Some(dir) = path.parent()
         && !dir.exists()
@@ -146,10 +148,10 @@ fn bind_control(path: &Path) -> Result<UnixListener, AgentError> {
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(AgentError::Io(format!(
-                "another lbd is serving {}; stop it first",
-                path.display()
-            )));
+            return Err(AgentError::io(
+                format!("control socket {}", path.display()),
+                "another lbd is serving it; stop it first",
+            ));
         }
         std::fs::remove_file(path).map_err(|e| io("removing the stale socket", e))?;
     }
@@ -168,13 +170,17 @@ async fn serve_control(stream: UnixStream, agent: Shared) {
     )
     .await;
     let resp = match read {
-        Err(_) => Response::err("no request within 5 s"),
-        Ok(Err(e)) => Response::err(format!("reading the request: {e}")),
-        Ok(Ok(_)) if !line.ends_with('\n') => Response::err(format!(
-            "request too long or not ended by a newline (max {MAX_REQUEST} bytes)"
-        )),
+        Err(_) => Response::error(ErrorKind::InvalidRequest, "no request within 5 s"),
+        Ok(Err(e)) => Response::error(ErrorKind::Io, format!("reading the request: {e}")),
+        Ok(Ok(_)) if !line.ends_with('\n') => Response::error(
+            ErrorKind::InvalidRequest,
+            format!("request too long or not ended by a newline (max {MAX_REQUEST} bytes)"),
+        ),
         Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
-            Err(e) => Response::err(format!("not a valid request: {e}")),
+            Err(e) => Response::error(
+                ErrorKind::InvalidRequest,
+                format!("not a valid request: {e}"),
+            ),
             Ok(req) => handle(req, &agent).await,
         },
     };
@@ -191,14 +197,14 @@ pub async fn handle(req: Request, agent: &Shared) -> Response {
         Request::Status => Response::ok(&report::status(&a)),
         Request::Stats => match a.datapath().stats() {
             Ok(now) => Response::ok(&report::stats(&a, &now)),
-            Err(e) => Response::err(format!("reading counters: {e}")),
+            Err(e) => Response::error(ErrorKind::Datapath, format!("reading counters: {e}")),
         },
         Request::Reload { force } => match a.reload(
             &super::Origin::new("reload", "lbctl", force.clone().unwrap_or_default()),
             force,
         ) {
             Ok(r) => Response::ok(&r),
-            Err(e) => Response::err(e.to_string()),
+            Err(e) => failure(&e),
         },
         Request::Backend {
             vip,
@@ -207,11 +213,11 @@ pub async fn handle(req: Request, agent: &Shared) -> Response {
             force,
         } => match a.backend_op(&vip, backend, op, force, "lbctl") {
             Ok(r) => Response::ok(&r),
-            Err(e) => Response::err(e.to_string()),
+            Err(e) => failure(&e),
         },
         Request::DatapathDetach => match a.detach() {
             Ok(()) => Response::ok(&"detached"),
-            Err(e) => Response::err(e.to_string()),
+            Err(e) => failure(&e),
         },
         Request::Plan {
             source,
@@ -236,8 +242,13 @@ pub async fn handle(req: Request, agent: &Shared) -> Response {
 fn answer<T: serde::Serialize>(r: Result<T, AgentError>) -> Response {
     match r {
         Ok(v) => Response::ok(&v),
-        Err(e) => Response::err(e.to_string()),
+        Err(e) => failure(&e),
     }
+}
+
+/// An error answer: the message and its kind.
+fn failure(e: &AgentError) -> Response {
+    Response::error(e.kind(), e.to_string())
 }
 
 async fn serve_http(mut stream: tokio::net::TcpStream, agent: Shared) {

@@ -16,7 +16,7 @@ use std::{
 
 use tokio::{runtime::Runtime, sync::mpsc};
 
-use super::{Agent, AgentError, AgentOptions, BackendKey, Origin, report};
+use super::{Agent, AgentError, AgentOptions, BackendKey, Origin, Refusal, report};
 use crate::{
     health::ProbeResult,
     testing::{MemoryDataplane, MemoryKernel},
@@ -262,19 +262,19 @@ fn a_plan_needs_an_approval_by_someone_else_and_a_live_base() {
 
     let err = lab.agent.apply_plan(&doc, "alice", None).unwrap_err();
     assert!(
-        matches!(&err, AgentError::Refused(m) if m.contains("approvals")),
+        matches!(&err, AgentError::Refused { reason: Refusal::Unapproved, message } if message.contains("approvals")),
         "{err}"
     );
     let err = lab.agent.approve(&doc, "alice", "").unwrap_err();
     assert!(
-        matches!(&err, AgentError::Refused(m) if m.contains("author")),
+        matches!(&err, AgentError::Refused { reason: Refusal::Review, message } if message.contains("author")),
         "{err}"
     );
     let mut edited = doc.clone();
     edited.source.push_str("\n# edited\n");
     let err = lab.agent.approve(&edited, "bob", "").unwrap_err();
     assert!(
-        matches!(&err, AgentError::Refused(m) if m.contains("edited")),
+        matches!(&err, AgentError::Refused { reason: Refusal::PlanRejected, message } if message.contains("edited")),
         "{err}"
     );
 
@@ -286,7 +286,7 @@ fn a_plan_needs_an_approval_by_someone_else_and_a_live_base() {
     // The same plan again is stale: its base is no longer live.
     let err = lab.agent.apply_plan(&doc, "alice", None).unwrap_err();
     assert!(
-        matches!(&err, AgentError::Refused(m) if m.contains("stale")),
+        matches!(&err, AgentError::Refused { reason: Refusal::StalePlan, message } if message.contains("stale")),
         "{err}"
     );
     assert_eq!(lab.agent.generation(), 2);

@@ -10,7 +10,7 @@ use std::{
     time::Instant,
 };
 
-use super::{Agent, AgentError, Gate, Origin, history, state};
+use super::{Agent, AgentError, Gate, Origin, Refusal, history, state};
 use crate::{
     config::{self, HostChecks},
     control::{ApproveReport, ChangeReport, PlanDoc},
@@ -31,8 +31,8 @@ fn approvals_file(state_dir: &Path, digest: &str) -> PathBuf {
     plans_dir(state_dir).join(format!("{digest}.approvals.json"))
 }
 
-fn io(what: &str, e: impl std::fmt::Display) -> AgentError {
-    AgentError::Io(format!("{what}: {e}"))
+fn io(what: &str, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> AgentError {
+    AgentError::io(what, e)
 }
 
 /// Plan digests are hex; anything else never names a file.
@@ -86,20 +86,28 @@ impl Agent {
     /// plan, unedited.
     fn issued(&self, doc: &PlanDoc) -> Result<PlanDoc, AgentError> {
         if !valid_digest(&doc.digest) {
-            return Err(AgentError::Refused(format!(
-                "plan digest {:?} is malformed; make a new plan with `lbctl plan`",
-                doc.digest
-            )));
+            return Err(AgentError::refused(
+                Refusal::PlanRejected,
+                format!(
+                    "plan digest {:?} is malformed; make a new plan with `lbctl plan`",
+                    doc.digest
+                ),
+            ));
         }
         if doc.compute_digest() != doc.digest {
-            return Err(AgentError::Refused(format!(
-                "plan {} was edited after it was made (its content no longer matches its digest); make and review a new plan",
-                doc.digest
-            )));
+            return Err(AgentError::refused(
+                Refusal::PlanRejected,
+                format!(
+                    "plan {} was edited after it was made (its content no longer matches its digest); make and review a new plan",
+                    doc.digest
+                ),
+            ));
         }
         let dir = &self.config.agent.state_dir;
         let text = std::fs::read_to_string(plan_file(dir, &doc.digest)).map_err(|_| {
-            AgentError::Refused(format!(
+            AgentError::refused(
+                Refusal::PlanRejected,
+                format!(
                 "plan {} was not made by this agent (or its state directory was lost); make a new plan with `lbctl plan`",
                 doc.digest
             ))
@@ -107,10 +115,13 @@ impl Agent {
         let issued: PlanDoc =
             serde_json::from_str(&text).map_err(|e| io("reading the recorded plan", e))?;
         if issued.source != doc.source || issued.compute_digest() != doc.digest {
-            return Err(AgentError::Refused(format!(
-                "plan {} differs from the plan this agent recorded; make and review a new plan",
-                doc.digest
-            )));
+            return Err(AgentError::refused(
+                Refusal::PlanRejected,
+                format!(
+                    "plan {} differs from the plan this agent recorded; make and review a new plan",
+                    doc.digest
+                ),
+            ));
         }
         Ok(issued)
     }
@@ -134,13 +145,19 @@ impl Agent {
         let issued = self.issued(doc)?;
         let reviewer = reviewer.trim();
         if reviewer.is_empty() {
-            return Err(AgentError::Refused("--reviewer must name someone".into()));
+            return Err(AgentError::refused(
+                Refusal::Review,
+                "--reviewer must name someone",
+            ));
         }
         if reviewer.eq_ignore_ascii_case(issued.author.trim()) {
-            return Err(AgentError::Refused(format!(
-                "{reviewer} wrote plan {}; the author cannot approve their own plan",
-                doc.digest
-            )));
+            return Err(AgentError::refused(
+                Refusal::Review,
+                format!(
+                    "{reviewer} wrote plan {}; the author cannot approve their own plan",
+                    doc.digest
+                ),
+            ));
         }
         let mut approvals = self.approvals(&doc.digest);
         if !approvals.iter().any(|a| a.reviewer == reviewer) {
@@ -177,8 +194,11 @@ impl Agent {
         let started = Instant::now();
         let issued = self.issued(doc)?;
         let mut refusals = Vec::new();
+        let mut reason = Refusal::Unapproved;
         let live_digest = format!("{:016x}", state::digest(&self.source));
         if issued.base_generation != self.generation || issued.base_config_digest != live_digest {
+            // A stale plan needs a new plan whatever its approvals.
+            reason = Refusal::StalePlan;
             refusals.push(format!(
                 "plan {} is stale: it was made against generation {}, the live config is generation {}; make a new plan",
                 doc.digest, issued.base_generation, self.generation
@@ -201,7 +221,7 @@ impl Agent {
                     doc.digest,
                     refusals.join("; ")
                 )),
-                None => return Err(AgentError::Refused(refusals.join("\n"))),
+                None => return Err(AgentError::refused(reason, refusals.join("\n"))),
             }
         }
         let file = self.config_path().display().to_string();
@@ -239,23 +259,27 @@ impl Agent {
                 .rev()
                 .find(|g| history::load_generation(&dir, *g).is_some())
                 .ok_or_else(|| {
-                    AgentError::Refused(format!(
-                        "no earlier generation than {} is kept in {}",
-                        self.generation,
-                        dir.display()
-                    ))
+                    AgentError::refused(
+                        Refusal::Rollback,
+                        format!(
+                            "no earlier generation than {} is kept in {}",
+                            self.generation,
+                            dir.display()
+                        ),
+                    )
                 })?,
         };
         if target == self.generation {
-            return Err(AgentError::Refused(format!(
-                "generation {target} is already live"
-            )));
+            return Err(AgentError::refused(
+                Refusal::Rollback,
+                format!("generation {target} is already live"),
+            ));
         }
         let source = history::load_generation(&dir, target).ok_or_else(|| {
-            AgentError::Refused(format!(
-                "generation {target} is not kept in {}",
-                dir.display()
-            ))
+            AgentError::refused(
+                Refusal::Rollback,
+                format!("generation {target} is not kept in {}", dir.display()),
+            )
         })?;
         let file = self.config_path().display().to_string();
         let cfg = config::check(&source, &file, HostChecks::Yes)?;
@@ -285,13 +309,16 @@ impl Agent {
                 &Origin::new("undo", "lbd", "config file not writable"),
                 &Gate::Rollback,
             );
-            return Err(AgentError::Io(format!(
-                "writing {} failed ({e}); the change was undone{}",
-                self.config_path().display(),
-                undo.err()
-                    .map(|u| format!(" — but undoing failed: {u}"))
-                    .unwrap_or_default()
-            )));
+            return Err(AgentError::io(
+                format!(
+                    "writing {} failed; the change was undone{}",
+                    self.config_path().display(),
+                    undo.err()
+                        .map(|u| format!(" — but undoing failed: {u}"))
+                        .unwrap_or_default()
+                ),
+                e,
+            ));
         }
         Ok(report)
     }

@@ -10,7 +10,8 @@ use lb_userspace::{
     agent::history::Record,
     config::{self, HostChecks},
     control::{
-        self, ApproveReport, BackendOp, ChangeReport, PlanDoc, Request, StatsReport, StatusReport,
+        self, ApproveReport, BackendOp, ChangeReport, ErrorKind, PlanDoc, Request, StatsReport,
+        StatusReport,
     },
     simulate,
 };
@@ -196,6 +197,16 @@ const EX_REFUSED: u8 = 1;
 const EX_USAGE: u8 = 64;
 const EX_UNAVAILABLE: u8 = 69;
 
+/// The exit code of an error answer: 64 when the config or the request
+/// is invalid (the operator must fix what they sent), 1 for every other
+/// refusal or failure (and for agents that send no kind).
+fn exit_code(resp: &control::Response) -> ExitCode {
+    match resp.kind {
+        Some(ErrorKind::InvalidConfig | ErrorKind::InvalidRequest) => ExitCode::from(EX_USAGE),
+        _ => ExitCode::from(EX_REFUSED),
+    }
+}
+
 /// The request a command sends, or the exit code of a command that ran
 /// locally (validate, simulate) or failed before sending anything.
 fn build_request(
@@ -327,18 +338,14 @@ fn main() -> ExitCode {
             "{}",
             serde_json::to_string_pretty(&resp).unwrap_or_default()
         );
-        return if resp.ok {
-            code
-        } else {
-            ExitCode::from(EX_REFUSED)
-        };
+        return if resp.ok { code } else { exit_code(&resp) };
     }
     if !resp.ok {
         eprintln!(
             "lbctl: {}",
             resp.error.as_deref().unwrap_or("request failed")
         );
-        return ExitCode::from(EX_REFUSED);
+        return exit_code(&resp);
     }
     let rendered = match req {
         Request::Status => {
