@@ -287,29 +287,21 @@ mod tests {
         }
     }
 
-    /// splitmix64: a tiny deterministic PRNG to draw test keys.
-    struct SplitMix64(u64);
+    use crate::rng::SplitMix64;
 
-    impl SplitMix64 {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
+    /// Random flow keys from the shared test generator.
+    trait RandomKey {
+        fn key(&mut self) -> FlowKey;
+    }
 
-        fn next_u32(&mut self) -> u32 {
-            (self.next() >> 32) as u32
-        }
-
+    impl RandomKey for SplitMix64 {
         /// A key whose every hashed bit is random (padding zero).
         fn key(&mut self) -> FlowKey {
             let mut k = FlowKey::default();
             for w in k.src.iter_mut().chain(k.dst.iter_mut()) {
                 *w = self.next_u32();
             }
-            let r = self.next();
+            let r = self.next_u64();
             k.src_port = r as u16;
             k.dst_port = (r >> 16) as u16;
             k.proto = (r >> 32) as u8;

@@ -19,6 +19,7 @@
 pub mod conn;
 pub mod flow;
 pub mod maps;
+pub mod rng;
 pub mod stats;
 pub mod vip_index;
 

@@ -35,7 +35,7 @@ use toml_edit::{ImDocument, InlineTable, Item, Table, TableLike, Value};
 use crate::maglev::{is_prime, next_prime};
 use crate::model::{
     BackendSpec, BackendState, DataplaneSpec, ForwardingMode, HashMode, Ipv4Prefix, Ipv6Prefix,
-    MacAddr, Protocol, VipId, VipSpec,
+    MacAddr, Protocol, VipId, VipSpec, family_name,
 };
 
 // ---------------------------------------------------------------------------
@@ -1394,13 +1394,6 @@ fn check_table_size(i: usize, v: &VipConfig, label: &str, c: &mut Checker) {
             ),
             suggest_table_size(needed),
         );
-    }
-}
-
-const fn family_name(a: IpAddr) -> &'static str {
-    match a {
-        IpAddr::V4(_) => "IPv4",
-        IpAddr::V6(_) => "IPv6",
     }
 }
 

@@ -51,6 +51,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use lb_common::{BACKEND_NONE, MAX_RING_SIZE};
 
+use crate::digest::Fnv1a;
+
 /// Stable identity of a backend: what its permutation is derived from.
 ///
 /// Never an index, an id or a position in the config: those differ between
@@ -198,14 +200,10 @@ pub fn next_prime(n: u32) -> Option<u32> {
 /// bytes), so that nodes, `lbctl` and metrics can show whether two nodes
 /// built the same table without shipping 65537 slots around.
 pub fn table_digest(table: &[u32]) -> u64 {
-    const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-    const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
     table
         .iter()
-        .flat_map(|slot| slot.to_le_bytes())
-        .fold(FNV_OFFSET, |h, byte| {
-            (h ^ u64::from(byte)).wrapping_mul(FNV_PRIME)
-        })
+        .fold(Fnv1a::default(), |h, slot| h.update(&slot.to_le_bytes()))
+        .finish()
 }
 
 /// Rejects sizes the algorithm or the kernel map cannot take.
@@ -543,26 +541,8 @@ mod tests {
     const M: u32 = 65537;
     const SEED: u32 = 0x5eed_1234;
 
-    /// splitmix64: a deterministic test-data generator.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-        fn shuffle<T>(&mut self, v: &mut [T]) {
-            for i in (1..v.len()).rev() {
-                let j = self.below(i as u64 + 1) as usize;
-                v.swap(i, j);
-            }
-        }
-    }
+    /// The shared deterministic test-data generator.
+    use lb_common::rng::SplitMix64 as Rng;
 
     fn backend(i: u32, weight: u32) -> MaglevBackend {
         let addr = Ipv4Addr::new(10, (i >> 16) as u8, (i >> 8) as u8, i as u8);
@@ -860,7 +840,7 @@ mod tests {
             for _ in 0..4 {
                 let weights: Vec<u32> = (0..n).map(|_| 1 + rng.below(max_w) as u32).collect();
                 let backends = with_weights(&weights);
-                let seed = rng.next() as u32;
+                let seed = rng.next_u64() as u32;
                 let table = build_table(&backends, m, seed).unwrap();
                 assert_eq!(
                     table,

@@ -211,3 +211,11 @@ pub struct DataplaneSpec {
     pub generation: u64,
     pub vips: Vec<VipSpec>,
 }
+
+/// "IPv4" or "IPv6", for messages.
+pub const fn family_name(a: IpAddr) -> &'static str {
+    match a {
+        IpAddr::V4(_) => "IPv4",
+        IpAddr::V6(_) => "IPv6",
+    }
+}

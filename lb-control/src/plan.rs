@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     maglev::{self, BackendIdentity, MaglevBackend, MaglevError},
-    model::{BackendState, DataplaneSpec, ForwardingMode, HashMode, VipId, VipSpec},
+    model::{BackendState, DataplaneSpec, ForwardingMode, HashMode, VipId, VipSpec, family_name},
 };
 
 /// Why a spec cannot be turned into map contents.
@@ -214,8 +214,9 @@ pub struct MapPlan {
     pub allocator: IdAllocator,
 }
 
-/// An address as the data path sees it: wire-order words and family.
-pub fn addr_words(addr: IpAddr) -> ([u32; 4], u8) {
+/// An address as the data path sees it: wire-order words and family (not
+/// `lb_common::addr_words`, which packs such words into two `u64`s).
+pub fn wire_address(addr: IpAddr) -> ([u32; 4], u8) {
     match addr {
         IpAddr::V4(a) => ([u32::from_ne_bytes(a.octets()), 0, 0, 0], FAMILY_V4),
         IpAddr::V6(a) => {
@@ -233,19 +234,12 @@ pub const fn port_wire(port: u16) -> u16 {
 
 /// The VIP map key of a VIP.
 pub fn vip_key(vip: &VipId) -> VipKey {
-    let (addr, family) = addr_words(vip.address);
+    let (addr, family) = wire_address(vip.address);
     VipKey {
         addr,
         port: port_wire(vip.port),
         proto: vip.protocol.number(),
         family,
-    }
-}
-
-const fn family_name(a: IpAddr) -> &'static str {
-    match a {
-        IpAddr::V4(_) => "IPv4",
-        IpAddr::V6(_) => "IPv6",
     }
 }
 
@@ -267,7 +261,7 @@ fn global_config(spec: &DataplaneSpec) -> GlobalConfig {
         g.ipip_src_v4_mask = host_mask(p.len, 0);
     }
     if let Some(p) = spec.ipip_source_v6 {
-        g.ipip_src_v6 = addr_words(IpAddr::V6(p.addr)).0;
+        g.ipip_src_v6 = wire_address(IpAddr::V6(p.addr)).0;
         g.ipip_src_v6_mask = host_mask(p.len.max(96), 96);
     }
     g
@@ -382,7 +376,7 @@ fn plan_vip(
     let first_backend = backends.len();
     let mut maglev_input = Vec::with_capacity(vip.backends.len());
     for b in &vip.backends {
-        let (addr, family) = addr_words(b.address);
+        let (addr, family) = wire_address(b.address);
         if vip.mode == ForwardingMode::Ipip && family_name(b.address) != family_name(vip.address) {
             return Err(PlanError::FamilyMismatch {
                 vip: id,
@@ -514,7 +508,10 @@ fn fleet_digest(ring: &[u32], backends: &[PlannedBackend]) -> u64 {
         .iter()
         .map(|&id| rank.get(id as usize).copied().unwrap_or(BACKEND_NONE))
         .collect();
-    let addrs: Vec<u32> = by_addr.iter().flat_map(|&(a, _)| addr_words(a).0).collect();
+    let addrs: Vec<u32> = by_addr
+        .iter()
+        .flat_map(|&(a, _)| wire_address(a).0)
+        .collect();
     maglev::table_digest(&ranks) ^ maglev::table_digest(&addrs).rotate_left(1)
 }
 
@@ -564,8 +561,8 @@ mod tests {
     };
 
     use super::{
-        IdAllocator, MapPlan, PlanError, PlannedBackend, PlannedVip, addr_words, plan, plan_next,
-        port_wire,
+        IdAllocator, MapPlan, PlanError, PlannedBackend, PlannedVip, plan, plan_next, port_wire,
+        wire_address,
     };
     use crate::model::{
         BackendSpec, BackendState, DataplaneSpec, ForwardingMode, HashMode, Ipv4Prefix, Ipv6Prefix,
@@ -867,7 +864,7 @@ mod tests {
         assert_eq!(key.port.to_ne_bytes(), 8080u16.to_be_bytes());
         assert_eq!(key.proto, PROTO_TCP);
         assert_eq!(key.family, FAMILY_V4);
-        assert_eq!((key.addr, key.family), addr_words(ip("192.0.2.10")));
+        assert_eq!((key.addr, key.family), wire_address(ip("192.0.2.10")));
         assert_eq!(key.port, port_wire(8080));
     }
 
@@ -886,11 +883,11 @@ mod tests {
         assert_eq!(key.port.to_ne_bytes(), [0x01, 0xbb]);
         assert_eq!(key.proto, PROTO_UDP);
         assert_eq!(key.family, FAMILY_V6);
-        assert_eq!((key.addr, key.family), addr_words(ip(addr)));
+        assert_eq!((key.addr, key.family), wire_address(ip(addr)));
         assert_eq!(key.port, port_wire(443));
         // The backend entry uses the same encoding.
         let b = &p.backends[0].entry;
-        assert_eq!((b.addr, b.family), addr_words(ip("2001:db8::1")));
+        assert_eq!((b.addr, b.family), wire_address(ip("2001:db8::1")));
     }
 
     #[test]
@@ -1354,7 +1351,7 @@ mod tests {
         for (len, fixed) in [(96u8, 12usize), (112, 14), (120, 15), (128, 16), (64, 12)] {
             s.ipip_source_v6 = Some(Ipv6Prefix { addr: base, len });
             let g = first(&s).global;
-            assert_eq!(g.ipip_src_v6, addr_words(IpAddr::V6(base)).0);
+            assert_eq!(g.ipip_src_v6, wire_address(IpAddr::V6(base)).0);
             let mut mask_bytes = [0u8; 4];
             mask_bytes[fixed - 12..].fill(0xff);
             assert_eq!(g.ipip_src_v6_mask.to_ne_bytes(), mask_bytes, "/{len}");

@@ -24,7 +24,7 @@ use crate::{
     config::Config,
     datapath::{Datapath, DatapathError, LoadOptions},
     model::{ForwardingMode, HashMode, MacAddr, Protocol},
-    plan::{self, IdAllocator, addr_words, port_wire},
+    plan::{self, IdAllocator, port_wire, wire_address},
 };
 
 /// One backend's shares.
@@ -168,8 +168,8 @@ fn frame(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, proto: Protocol) -> V
 
 /// The key the data path hashes for this flow.
 fn flow_key(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, proto: Protocol) -> FlowKey {
-    let (s, family) = addr_words(src);
-    let (d, _) = addr_words(dst);
+    let (s, family) = wire_address(src);
+    let (d, _) = wire_address(dst);
     FlowKey {
         src: s,
         dst: d,
