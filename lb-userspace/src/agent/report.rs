@@ -12,6 +12,7 @@ use crate::{
     health::Health,
     model::{BackendState, VipId},
     plan::MapPlan,
+    policy,
 };
 
 /// Share of each backend id in each VIP's lookup table.
@@ -199,4 +200,47 @@ pub fn stats(agent: &Agent, now: &DataplaneStats) -> StatsReport {
             .collect(),
         vips,
     }
+}
+
+/// Human lines of what a verdict says changed.
+pub fn diff_lines(v: &policy::Verdict) -> Vec<String> {
+    v.vips
+        .iter()
+        .filter(|x| x.change != policy::Change::Unchanged)
+        .map(|x| {
+            let shares: Vec<String> = x
+                .backends
+                .iter()
+                .map(|b| match b.before {
+                    Some(before) if (before - b.after).abs() > 1e-9 => format!(
+                        "{} {:.1}% → {:.1}%",
+                        b.address,
+                        before * 100.0,
+                        b.after * 100.0
+                    ),
+                    Some(_) => format!("{} {:.1}%", b.address, b.after * 100.0),
+                    None => format!("{} new {:.1}%", b.address, b.after * 100.0),
+                })
+                .collect();
+            let removed: Vec<String> = x
+                .removed
+                .iter()
+                .map(|(a, before)| format!("{a} {:.1}% → removed", before * 100.0))
+                .collect();
+            format!(
+                "{} {} {:?}: {}{}; {:.1}% of flows move",
+                x.name,
+                x.vip,
+                x.change,
+                shares.join(", "),
+                if removed.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {}", removed.join(", "))
+                },
+                x.moved * 100.0
+            )
+            .to_lowercase()
+        })
+        .collect()
 }
