@@ -1,6 +1,7 @@
-//! Userspace side of the load balancer: the config model, the Maglev
-//! builder, the map-content planner (pure, testable without a kernel), and
-//! the thin datapath layer that loads, attaches and programs the XDP object.
+//! Userspace side of the load balancer: the thin kernel layer that loads,
+//! attaches and programs the XDP object (`datapath`), health checks, the
+//! agent `lbd` and what `lbctl` needs. The pure part (config, Maglev,
+//! planner, policy, protocol) is the `lb-control` crate, re-exported here.
 
 pub mod agent;
 pub mod datapath;

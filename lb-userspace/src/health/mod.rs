@@ -7,7 +7,7 @@
 //!
 //! - [`probe()`] runs one probe against one address and returns its latency
 //!   or a [`ProbeError`] an operator can read. The whole probe (connect,
-//!   request, answer) is bounded by [`HealthCheck::timeout`]:
+//!   request, answer) is bounded by the check's `timeout`:
 //!   - `tcp`: the TCP handshake completes;
 //!   - `http`: an HTTP/1.1 `GET` is answered with a status line whose code is
 //!     `expect_status` (only the status line is read);

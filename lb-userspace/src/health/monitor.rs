@@ -21,7 +21,7 @@ pub struct Target<K> {
     /// Identifies the target in [`ProbeResult`]s and across
     /// [`Monitor::reconcile`] calls.
     pub key: K,
-    /// Address probed (see [`probe_addr`]).
+    /// Address probed (see [`super::probe_addr`]).
     pub addr: SocketAddr,
     /// The check.
     pub check: HealthCheck,
@@ -34,8 +34,8 @@ pub struct ProbeResult<K> {
     pub key: K,
     /// When the probe finished.
     pub at: Instant,
-    /// Latency, or the [`ProbeError`]'s message; ready for
-    /// [`Tracker::record`].
+    /// Latency, or the [`super::ProbeError`]'s message; ready for
+    /// [`super::Tracker::record`].
     pub result: Result<Duration, String>,
 }
 
