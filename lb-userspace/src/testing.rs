@@ -77,6 +77,8 @@ impl MemoryKernel {
 pub struct MemoryDataplane {
     kernel: MemoryKernel,
     applied: Option<MapPlan>,
+    /// Whether it found maps an earlier "process" left.
+    adopted: bool,
 }
 
 impl MemoryDataplane {
@@ -88,9 +90,21 @@ impl MemoryDataplane {
             Self {
                 kernel: kernel.clone(),
                 applied: None,
+                adopted: false,
             },
             kernel,
         )
+    }
+
+    /// A new handle on `kernel`, as a restarted agent gets: it adopts the
+    /// maps (and pinned links) an earlier handle left, knowing nothing of
+    /// what they hold until it verifies them.
+    pub fn adopting(kernel: &MemoryKernel) -> Self {
+        Self {
+            kernel: kernel.clone(),
+            applied: None,
+            adopted: kernel.lock().maps.is_some(),
+        }
     }
 }
 
@@ -103,7 +117,7 @@ fn injected(what: &'static str) -> DatapathError {
 
 impl Dataplane for MemoryDataplane {
     fn adopted(&self) -> bool {
-        false
+        self.adopted
     }
 
     fn pinned_interfaces(&self) -> Vec<String> {

@@ -10,7 +10,7 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     net::IpAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -95,37 +95,46 @@ struct Lab {
     runtime: Runtime,
 }
 
+/// Starts an agent on `dataplane` with the config in `dir`.
+fn start_agent(runtime: &Runtime, dir: &Path, dataplane: MemoryDataplane) -> Agent {
+    let (tx, _rx) = mpsc::channel::<ProbeResult<BackendKey>>(16);
+    let _entered = runtime.enter();
+    Agent::start_with(
+        AgentOptions {
+            config_path: dir.join("lbd.toml"),
+            detach_on_exit: false,
+        },
+        tx,
+        Box::new(dataplane),
+    )
+    .expect("starting the agent on the memory data path")
+}
+
 impl Lab {
     fn start(name: &str, shape: &Shape) -> Self {
         let dir = std::env::temp_dir().join(format!("lbd-unit-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("creating the test directory");
-        let config_path = dir.join("lbd.toml");
-        std::fs::write(&config_path, config_text(&dir, shape)).expect("writing the config");
+        std::fs::write(dir.join("lbd.toml"), config_text(&dir, shape)).expect("writing the config");
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("a runtime");
         let (dataplane, kernel) = MemoryDataplane::new();
-        let (tx, _rx) = mpsc::channel::<ProbeResult<BackendKey>>(16);
-        let agent = {
-            let _entered = runtime.enter();
-            Agent::start_with(
-                AgentOptions {
-                    config_path,
-                    detach_on_exit: false,
-                },
-                tx,
-                Box::new(dataplane),
-            )
-            .expect("starting the agent on the memory data path")
-        };
+        let agent = start_agent(&runtime, &dir, dataplane);
         Self {
             dir,
             agent,
             kernel,
             runtime,
         }
+    }
+
+    /// Stops the agent (the maps stay, as pinned maps do) and starts a new
+    /// one that adopts them.
+    fn restart(&mut self) {
+        let dataplane = MemoryDataplane::adopting(&self.kernel);
+        self.agent = start_agent(&self.runtime, &self.dir, dataplane);
     }
 
     fn write_config(&self, shape: &Shape) -> String {
@@ -203,6 +212,24 @@ fn a_start_writes_the_config_and_attaches() {
     assert_eq!(k.attached[0].0, "lo");
     drop(k);
     assert_eq!(lab.serving().len(), 4);
+}
+
+#[test]
+fn a_restart_with_the_same_file_adopts_the_maps_without_a_write() {
+    let mut lab = Lab::start("restart", &Shape::default());
+    let maps = lab.kernel.maps();
+    lab.restart();
+    assert_eq!(lab.agent.generation(), 1, "not a change: same generation");
+    assert_eq!(lab.kernel.lock().writes, 1, "verified, not rewritten");
+    assert_eq!(lab.agent.applied(), maps.as_ref());
+    // A restart with an edited file is a change.
+    lab.write_config(&Shape {
+        weights: [1, 1, 1, 2],
+        ..Shape::default()
+    });
+    lab.restart();
+    assert_eq!(lab.agent.generation(), 2);
+    assert_eq!(lab.kernel.lock().writes, 2);
 }
 
 #[test]
