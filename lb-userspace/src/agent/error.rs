@@ -85,3 +85,30 @@ impl AgentError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_error_has_the_kind_a_client_acts_on() {
+        let refused = |r| AgentError::refused(r, "x").kind();
+        assert_eq!(refused(Refusal::StalePlan), ErrorKind::StalePlan);
+        assert_eq!(refused(Refusal::Unapproved), ErrorKind::Unapproved);
+        assert_eq!(refused(Refusal::PlanRejected), ErrorKind::PlanRejected);
+        assert_eq!(refused(Refusal::Review), ErrorKind::Refused);
+        assert_eq!(refused(Refusal::Rollback), ErrorKind::Refused);
+        assert_eq!(
+            AgentError::Policy(vec!["x".into()]).kind(),
+            ErrorKind::PolicyRefused
+        );
+        assert_eq!(
+            AgentError::Config(config::ConfigErrors(Vec::new())).kind(),
+            ErrorKind::InvalidConfig
+        );
+        assert_eq!(AgentError::Detached.kind(), ErrorKind::Detached);
+        let io = AgentError::io("recording the plan", "disk full");
+        assert_eq!(io.kind(), ErrorKind::Io);
+        assert_eq!(io.to_string(), "recording the plan: disk full");
+    }
+}

@@ -214,3 +214,62 @@ pub fn wait_for_readers() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd as _;
+
+    use super::*;
+
+    /// A page-sized temporary file: `mmap` treats it as it treats an
+    /// mmap-able array map, without root.
+    fn page_file(name: &str) -> (std::fs::File, std::path::PathBuf) {
+        let path = std::env::temp_dir().join(format!("lbd-sys-{}-{name}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .expect("temporary file");
+        file.set_len(page_size() as u64).expect("size");
+        (file, path)
+    }
+
+    #[test]
+    fn a_mapping_copies_within_bounds_and_names_what_it_refuses() {
+        let (file, path) = page_file("rw");
+        let len = page_size();
+        let mut rw = Mapping::new(file.as_fd(), len, Access::ReadWrite).expect("mmap");
+        rw.write(3, &[7u16, 8, 9]).expect("in bounds");
+        let ro = Mapping::new(file.as_fd(), len, Access::Read).expect("mmap");
+        let mut back = [0u16; 5];
+        ro.read(2, &mut back).expect("in bounds");
+        assert_eq!(back, [0, 7, 8, 9, 0], "both mappings share the pages");
+        let mut last = [0u64; 1];
+        ro.read(len / 8 - 1, &mut last)
+            .expect("the last value fits");
+        let err = ro.read(len / 8, &mut last).unwrap_err();
+        assert_eq!(err.call, "mmap access");
+        assert!(err.to_string().contains("exceed"), "{err}");
+        let err = rw.write(usize::MAX, &[1u8]).unwrap_err();
+        assert_eq!(err.call, "mmap access", "no overflow: {err}");
+        let mut ro = ro;
+        let err = ro.write(0, &[1u8]).unwrap_err();
+        assert!(err.to_string().contains("read-only"), "{err}");
+        drop((rw, ro));
+        std::fs::remove_file(path).expect("cleanup");
+    }
+
+    #[test]
+    fn a_failed_mmap_names_the_call() {
+        let (file, path) = page_file("fail");
+        // A zero-length mapping is EINVAL.
+        let err = Mapping::new(file.as_fd(), 0, Access::Read)
+            .err()
+            .expect("refused");
+        assert_eq!(err.call, "mmap");
+        assert!(err.to_string().starts_with("mmap failed: "), "{err}");
+        std::fs::remove_file(path).expect("cleanup");
+    }
+}
