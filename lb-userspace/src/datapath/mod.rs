@@ -2,6 +2,12 @@
 //! [`MapPlan`] into the maps in an order that never shows a packet a
 //! half-made state, and read the counters.
 //!
+//! Layout: `loaded` (the object, pins and their layout version, attach and
+//! detach), `write` (the order below), `verify` (reading the maps back),
+//! `vip_table` (the VIP index), `stats`, `decap` (the backend-side
+//! program) and `sys` (every raw system call, behind safe functions and one
+//! RAII mapping type). The agent sees all of it through [`Dataplane`].
+//!
 //! Update order (see [`Datapath::apply`]):
 //! 1. global config;
 //! 2. backend entries (new ids first get zeroed counters): a new id is not
