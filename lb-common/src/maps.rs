@@ -8,7 +8,7 @@
 
 /// Version of the pinned map layout. A newer agent refuses to adopt pinned
 /// maps of another version instead of misreading them.
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 
 use crate::flow::FlowWords;
 
@@ -53,6 +53,15 @@ pub const MAP_VIP_FILTER: &str = "VIP_FILTER";
 pub const MAP_VIP_FILTER_COPY: &str = ".bss";
 /// `Array<GlobalConfig, 1>`: fleet-wide settings.
 pub const MAP_CONFIG: &str = "CONFIG";
+/// `Array<u64, 1>`: the program's `.data`, whose only variable is the MAC
+/// address of the interface the program is attached to, as
+/// [`lb_mac_word`] (written by userspace when it attaches; not pinned).
+/// Until it is written no frame is forwarded: the program cannot tell a
+/// frame addressed to this host from one flooded to it.
+pub const MAP_LB_MAC: &str = ".data";
+/// `PerCpuArray<u64, 1>`: the ICMP "too big" rate limit (see
+/// [`ICMP_TOO_BIG_INTERVAL_NS`]).
+pub const MAP_ICMP_RATE: &str = "ICMP_RATE";
 /// `DevMapHash`: egress interfaces for IP-in-IP towards another interface.
 pub const MAP_TX_PORTS: &str = "TX_PORTS";
 /// `PerCpuArray<Counters, 1>`: the global counters (by outcome and reason)
@@ -141,6 +150,32 @@ pub const fn addr_words(addr: &[u32; 4]) -> [u64; 2] {
         (addr[2] as u64) | ((addr[3] as u64) << 32),
     ]
 }
+
+/// The value of [`MAP_LB_MAC`] for the interface MAC `mac`: its six bytes
+/// in the low 48 bits (the frame's first eight bytes, read as one
+/// little-endian word and masked, compare equal to it) and bit 48 set, so
+/// that the unset value (`u64::MAX`) matches no frame.
+#[inline(always)]
+#[must_use]
+pub const fn lb_mac_word(mac: [u8; 6]) -> u64 {
+    u64::from_le_bytes([mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], 1, 0])
+}
+/// The [`MAP_LB_MAC`] value of a program that has not been told its MAC.
+pub const LB_MAC_UNSET: u64 = u64::MAX;
+
+/// The ICMP "fragmentation needed" / ICMPv6 "packet too big" messages the
+/// program sends are limited per CPU to one every this many nanoseconds
+/// on average (1000 per second) ...
+pub const ICMP_TOO_BIG_INTERVAL_NS: u64 = 1_000_000;
+/// ... with bursts of up to this many.
+pub const ICMP_TOO_BIG_BURST: u64 = 50;
+/// Default MTU of the path to IP-in-IP backends (`agent.ipip_mtu`).
+pub const DEFAULT_IPIP_MTU: u32 = 1500;
+/// Smallest `agent.ipip_mtu`: an IPv6 packet of the IPv6 minimum MTU (1280)
+/// must fit after encapsulation (40 bytes).
+pub const MIN_IPIP_MTU: u32 = 1320;
+/// Largest `agent.ipip_mtu` (the IP length field).
+pub const MAX_IPIP_MTU: u32 = 65535;
 
 /// Capacity of the egress-interface map.
 pub const MAX_TX_PORTS: u32 = 64;
@@ -297,8 +332,14 @@ pub struct GlobalConfig {
     pub ipip_src_v6_mask: u32,
     /// IPv6 outer source prefix for IP-in-IP (wire order).
     pub ipip_src_v6: [u32; 4],
+    /// MTU of the path to the IP-in-IP backends (`agent.ipip_mtu`): an
+    /// encapsulated packet longer than this is not sent; its client gets
+    /// ICMP "fragmentation needed" / ICMPv6 "packet too big" (0: only the
+    /// route's MTU counts).
+    pub ipip_mtu: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 40);
+const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 48);
 
 /// Per-VIP and per-backend traffic counters (per CPU).
 #[repr(C)]

@@ -37,16 +37,36 @@ counters! {
     STAT_PASS_NOT_VIP = "pass_not_vip",
     /// Outcome: truncated or malformed L2/L3 header, passed to the kernel.
     STAT_PASS_MALFORMED = "pass_malformed",
+    /// Outcome: VIP traffic in a frame not addressed to this interface's MAC
+    /// (unicast to another host, broadcast, multicast; or the agent has not
+    /// told the program its MAC yet): passed, never forwarded.
+    STAT_PASS_OTHER_HOST = "pass_other_host",
     /// Outcome: forwarded with XDP_TX.
     STAT_TX = "tx",
     /// Outcome: forwarded with XDP_REDIRECT.
     STAT_REDIRECT = "redirect",
+    /// Outcome: too big for the path to its IP-in-IP backend: answered with
+    /// ICMP "fragmentation needed" / ICMPv6 "packet too big" from the VIP
+    /// (XDP_TX back to the sender).
+    STAT_TX_ICMP_TOO_BIG = "tx_icmp_too_big",
     /// Outcome: VIP traffic with a truncated or malformed transport header.
     STAT_DROP_MALFORMED_L4 = "drop_malformed_l4",
     /// Outcome: the VIP has no backend (empty or missing lookup table).
     STAT_DROP_NO_BACKEND = "drop_no_backend",
-    /// Outcome: the route lookup for an encapsulated packet failed.
+    /// Outcome: the route lookup for an encapsulated packet failed (no
+    /// route, no neighbour entry, forwarding off; never "too big").
     STAT_DROP_NO_ROUTE = "drop_no_route",
+    /// Outcome: too big for the path to its IP-in-IP backend and not
+    /// answered with an ICMP error: IPv4 without DF (or a fragment), an ICMP
+    /// error itself, a sender address that is not unicast, or, with an
+    /// egress MTU below 596, shorter than the ICMP quote.
+    STAT_DROP_TOO_BIG = "drop_too_big",
+    /// Outcome: too big, and the ICMP error was not sent because of the
+    /// per-CPU rate limit.
+    STAT_DROP_TOO_BIG_RATE_LIMITED = "drop_too_big_rate_limited",
+    /// Outcome: VIP traffic for IP-in-IP whose IPv4 total length or IPv6
+    /// payload length claims more bytes than the frame holds.
+    STAT_DROP_BAD_LENGTH = "drop_bad_length",
     /// Outcome: growing the packet for encapsulation failed.
     STAT_DROP_ENCAP = "drop_encap",
     /// Outcome: the egress interface is not in the egress map.
@@ -63,11 +83,17 @@ counters! {
     /// Detail: the connection table could not be read (a missing map): the
     /// flow was forwarded by its lookup-table pick and not recorded.
     STAT_CONN_INSERT_FAIL = "conn_insert_fail",
-    /// Detail: IP fragment of VIP traffic (hashed on addresses only).
+    /// Detail: IP fragment of VIP traffic (hashed on addresses and protocol
+    /// only), sent on to a backend; not a new flow.
     STAT_FRAGMENT = "fragment",
-    /// Detail: ICMP "fragmentation needed" / ICMPv6 "packet too big" about a
-    /// VIP flow, sent to that flow's backend.
+    /// Detail: ICMP "fragmentation needed" / ICMPv6 "packet too big" to a
+    /// VIP about one of its own flows, sent on to that flow's backend; not a
+    /// new flow.
     STAT_ICMP_PTB = "icmp_ptb",
+    /// Detail: ICMP "fragmentation needed" / ICMPv6 "packet too big" about
+    /// a VIP flow that is not addressed to that VIP (another VIP, or an
+    /// address that only shares the VIP prefilter's bit): passed untouched.
+    STAT_ICMP_NOT_OWN_FLOW = "icmp_not_own_flow",
     /// Detail: packet carried an 802.1Q/802.1ad tag.
     STAT_VLAN = "vlan",
     /// Parse error: Ethernet or VLAN header truncated.
@@ -89,15 +115,20 @@ counters! {
 }
 
 /// The outcome counters: every packet increments exactly one of these.
-pub const STAT_OUTCOMES: [u32; 11] = [
+pub const STAT_OUTCOMES: [u32; 16] = [
     STAT_PASS_NON_IP,
     STAT_PASS_NOT_VIP,
     STAT_PASS_MALFORMED,
+    STAT_PASS_OTHER_HOST,
     STAT_TX,
     STAT_REDIRECT,
+    STAT_TX_ICMP_TOO_BIG,
     STAT_DROP_MALFORMED_L4,
     STAT_DROP_NO_BACKEND,
     STAT_DROP_NO_ROUTE,
+    STAT_DROP_TOO_BIG,
+    STAT_DROP_TOO_BIG_RATE_LIMITED,
+    STAT_DROP_BAD_LENGTH,
     STAT_DROP_ENCAP,
     STAT_DROP_REDIRECT,
     STAT_DROP_NO_CONFIG,

@@ -105,6 +105,14 @@ pub struct AgentSettings {
     /// Outer source prefix for IPv6 IP-in-IP (length ≥ 96).
     #[serde(default, with = "opt_prefix6", skip_serializing_if = "Option::is_none")]
     pub ipip_source_v6: Option<Ipv6Prefix>,
+    /// MTU of the path to the IP-in-IP backends: an encapsulated packet
+    /// longer than this is answered with an ICMP "too big" error.
+    #[serde(default = "default_ipip_mtu")]
+    pub ipip_mtu: u32,
+}
+
+const fn default_ipip_mtu() -> u32 {
+    lb_common::DEFAULT_IPIP_MTU
 }
 
 fn default_control_socket() -> PathBuf {
@@ -656,8 +664,10 @@ pub fn validate(
         issues: Vec::new(),
     };
     check_agent(cfg, host, &mut c);
+    check_ipip_mtu(&cfg.agent, &mut c);
     check_policy(&cfg.policy, &mut c);
     check_vips(cfg, &mut c);
+    check_fragment_sharing(cfg, &mut c);
     if c.issues.is_empty() {
         Ok(())
     } else {
@@ -800,6 +810,7 @@ impl Config {
             hash_seed: self.agent.hash_seed,
             ipip_source_v4: self.agent.ipip_source_v4,
             ipip_source_v6: self.agent.ipip_source_v6,
+            ipip_mtu: self.agent.ipip_mtu,
             generation,
             vips,
         }
@@ -1170,6 +1181,27 @@ fn check_agent(cfg: &Config, host: HostChecks, c: &mut Checker) {
     }
 }
 
+/// `agent.ipip_mtu`: an IPv6 packet of the IPv6 minimum MTU must fit once
+/// encapsulated, and the value must fit the IP length field.
+fn check_ipip_mtu(a: &AgentSettings, c: &mut Checker) {
+    let range = lb_common::MIN_IPIP_MTU..=lb_common::MAX_IPIP_MTU;
+    if !range.contains(&a.ipip_mtu) {
+        c.push(
+            &[K("agent"), K("ipip_mtu")],
+            format!(
+                "agent: ipip_mtu must be {}..={} (bytes), not {}",
+                range.start(),
+                range.end(),
+                a.ipip_mtu
+            ),
+            format!(
+                "set the MTU of the links to the IP-in-IP backends, or remove the key for the default ({})",
+                lb_common::DEFAULT_IPIP_MTU
+            ),
+        );
+    }
+}
+
 fn check_policy(p: &Policy, c: &mut Checker) {
     let shares = [
         ("max_share_deviation", p.max_share_deviation),
@@ -1292,6 +1324,41 @@ fn check_vips(cfg: &Config, c: &mut Checker) {
             ids.insert(v.id(), i);
         }
         check_vip(cfg, i, v, &label, c);
+    }
+}
+
+/// VIPs that share an address and protocol share their IP fragments: a
+/// fragment after the first carries no ports, so the data path sends every
+/// fragment to that address and protocol through one of them (the lowest
+/// port, see `plan::fragment_aliases`). That is only right when they have
+/// the same forwarding mode and the same backends; otherwise a fragmented
+/// datagram for one VIP reaches a server of the other. Refused, naming both.
+fn check_fragment_sharing(cfg: &Config, c: &mut Checker) {
+    let mut first: HashMap<(IpAddr, Protocol), usize> = HashMap::new();
+    for (i, v) in cfg.vips.iter().enumerate() {
+        let Some(&j) = first.get(&(v.address, v.protocol)) else {
+            first.insert((v.address, v.protocol), i);
+            continue;
+        };
+        let other = &cfg.vips[j];
+        let backends = |v: &VipConfig| {
+            let mut a: Vec<IpAddr> = v.backends.iter().map(|b| b.address).collect();
+            a.sort_unstable();
+            a.dedup();
+            a
+        };
+        if v.mode != other.mode || backends(v) != backends(other) {
+            c.push(
+                &[K("vip"), I(i)],
+                format!(
+                    "{}: shares its address and protocol with {}, but not its {}: IP fragments after the first carry no port, so every fragment to this address and protocol goes to one backend set, and datagrams of one VIP would reach the other's servers",
+                    v.label(),
+                    other.label(),
+                    if v.mode == other.mode { "backends" } else { "forwarding mode" },
+                ),
+                "give both VIPs the same mode and backend addresses, or move one to another address",
+            );
+        }
     }
 }
 
@@ -1947,6 +2014,12 @@ egress_interfaces = []
 # backends must route these addresses back to this node.
 ipip_source_v4 = "198.18.250.0/24"
 ipip_source_v6 = "2001:db8:ff::/96"
+# MTU of the path from this node to the IP-in-IP backends (default 1500;
+# 1320..=65535). A packet that no longer fits once encapsulated (IPv4 over
+# 1480 bytes, IPv6 over 1460 at 1500) is answered with ICMP "fragmentation
+# needed" / ICMPv6 "packet too big" from the VIP, so clients send smaller
+# packets. Raise it only if every link to the backends carries larger frames.
+ipip_mtu = 1500
 
 # What a change may do; the defaults are safe for production.
 [policy]

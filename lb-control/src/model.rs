@@ -207,6 +207,10 @@ pub struct DataplaneSpec {
     pub ipip_source_v4: Option<Ipv4Prefix>,
     /// Outer source prefix for IPv6 IP-in-IP.
     pub ipip_source_v6: Option<Ipv6Prefix>,
+    /// MTU of the path to the IP-in-IP backends (`agent.ipip_mtu`); 0: only
+    /// the routes' MTUs limit encapsulated packets.
+    #[serde(default)]
+    pub ipip_mtu: u32,
     /// Generation of the config this spec comes from.
     pub generation: u64,
     pub vips: Vec<VipSpec>,

@@ -254,6 +254,7 @@ fn global_config(spec: &DataplaneSpec) -> GlobalConfig {
     let mut g = GlobalConfig {
         hash_seed: spec.hash_seed,
         config_generation: spec.generation,
+        ipip_mtu: spec.ipip_mtu,
         ..GlobalConfig::default()
     };
     if let Some(p) = spec.ipip_source_v4 {

@@ -8,7 +8,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Backend, FAMILY_V4, GlobalConfig, STAT_DROP_ENCAP, STAT_DROP_NO_ROUTE, STAT_DROP_REDIRECT,
+    Backend, FAMILY_V4, GlobalConfig, STAT_DROP_BAD_LENGTH, STAT_DROP_ENCAP, STAT_DROP_NO_ROUTE,
+    STAT_DROP_REDIRECT,
 };
 
 use crate::{
@@ -21,9 +22,12 @@ const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const OUTER_TTL: u8 = 64;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+/// The route's MTU is smaller than the packet (`mtu_result` holds it).
+const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
 
 /// L2 DSR: the frame goes to the backend's MAC unchanged above L2; the
-/// source MAC becomes the one the client addressed (ours).
+/// source MAC becomes the one the client addressed, which the caller has
+/// checked is this interface's own (`maps::addressed_to_us`).
 #[inline(always)]
 pub fn dsr(ctx: &XdpContext, backend: &Backend) -> Outcome {
     let Some(eth) = ptr_at::<[u16; 6]>(ctx, 0) else {
@@ -80,8 +84,10 @@ fn zeroed_fib(buf: &mut core::mem::MaybeUninit<FibBuf>) -> &mut FibParams {
 }
 
 /// Route lookup for the outer header: next-hop MACs and egress interface.
+/// A route whose MTU the encapsulated packet exceeds answers the sender
+/// (see [`too_big`]) with that MTU less the outer header.
 #[inline(always)]
-fn route(ctx: &XdpContext, fib: &mut FibParams) -> Result<(), Outcome> {
+fn route(ctx: &XdpContext, fib: &mut FibParams, l3: &L3) -> Result<(), Outcome> {
     fib.ifindex = ctx.ingress_ifindex() as u32;
     // SAFETY: fib is a valid, initialised bpf_fib_lookup on the stack.
     let rc = unsafe {
@@ -94,8 +100,40 @@ fn route(ctx: &XdpContext, fib: &mut FibParams) -> Result<(), Outcome> {
     };
     if rc == BPF_FIB_LKUP_RET_SUCCESS {
         Ok(())
+    } else if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED {
+        // SAFETY: the kernel wrote the route's MTU into the union.
+        let route_mtu = u32::from(unsafe { fib.__bindgen_anon_1.mtu_result });
+        Err(too_big(ctx, l3, route_mtu))
     } else {
         Err(Outcome::drop(STAT_DROP_NO_ROUTE))
+    }
+}
+
+/// The checks before a packet is encapsulated: its stated length must lie
+/// inside the frame (a lying length would go into the outer header), and
+/// the encapsulated packet must fit the configured MTU toward the
+/// backends.
+#[inline(always)]
+fn fits(ctx: &XdpContext, l3: &L3, outer_len: usize, cfg: &GlobalConfig) -> Result<(), Outcome> {
+    if ctx.data() + l3.l3_off + l3.ip_len > ctx.data_end() {
+        return Err(Outcome::drop(STAT_DROP_BAD_LENGTH));
+    }
+    let mtu = cfg.ipip_mtu;
+    if mtu != 0 && outer_len > mtu as usize {
+        return Err(too_big(ctx, l3, mtu));
+    }
+    Ok(())
+}
+
+/// A packet that does not fit a path of MTU `path_mtu` once encapsulated:
+/// its sender is told the MTU that does fit (see `crate::too_big`).
+#[cold]
+#[inline(always)]
+fn too_big(ctx: &XdpContext, l3: &L3, path_mtu: u32) -> Outcome {
+    if l3.family == FAMILY_V4 {
+        crate::too_big::reply_v4(ctx.ctx, l3.l3_off, l3.proto, path_mtu.saturating_sub(20))
+    } else {
+        crate::too_big::reply_v6(ctx.ctx, l3.l3_off, l3.proto, path_mtu.saturating_sub(40))
     }
 }
 
@@ -180,6 +218,7 @@ fn ipip4(
         return Err(Outcome::drop(STAT_DROP_ENCAP));
     }
     let outer_len = l3.ip_len + IPV4_HLEN;
+    fits(ctx, l3, outer_len, cfg)?;
     if outer_len > 0xffff {
         return Err(Outcome::drop(STAT_DROP_ENCAP));
     }
@@ -191,7 +230,7 @@ fn ipip4(
     fib.__bindgen_anon_1.tot_len = outer_len as u16;
     fib.__bindgen_anon_3.ipv4_src = src;
     fib.__bindgen_anon_4.ipv4_dst = dst;
-    route(ctx, fib)?;
+    route(ctx, fib, l3)?;
     push_l2(ctx, l3_off, IPV4_HLEN, fib)?;
 
     // The outer header as ten 16-bit words in wire order.
@@ -233,6 +272,7 @@ fn ipip6(
         return Err(Outcome::drop(STAT_DROP_ENCAP));
     }
     let payload_len = l3.ip_len;
+    fits(ctx, l3, payload_len + IPV6_HLEN, cfg)?;
     if payload_len > 0xffff {
         return Err(Outcome::drop(STAT_DROP_ENCAP));
     }
@@ -245,7 +285,7 @@ fn ipip6(
     fib.__bindgen_anon_1.tot_len = (payload_len + IPV6_HLEN) as u16;
     fib.__bindgen_anon_3.ipv6_src = src;
     fib.__bindgen_anon_4.ipv6_dst = dst;
-    route(ctx, fib)?;
+    route(ctx, fib, l3)?;
     push_l2(ctx, l3_off, IPV6_HLEN, fib)?;
 
     let hdr = ptr_at::<crate::parse::Ipv6Hdr>(ctx, l3_off).ok_or(Outcome::drop(STAT_DROP_ENCAP))?;

@@ -1,11 +1,12 @@
 //! The load balancer's decision for one packet: parse, find the VIP, choose
 //! the backend, forward.
 
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use aya_ebpf::programs::XdpContext;
 use lb_common::{
     FAMILY_V4, FlowWords, GlobalConfig, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
-    STAT_CONN_HIT, STAT_DROP_MALFORMED_L4, STAT_DROP_NO_CONFIG, STAT_ERR_ICMP_INNER,
-    STAT_ERR_L4_TRUNC, STAT_FRAGMENT, STAT_ICMP_PTB, STAT_PASS_MALFORMED, STAT_PASS_NOT_VIP,
+    STAT_DROP_MALFORMED_L4, STAT_DROP_NO_CONFIG, STAT_ERR_ICMP_INNER, STAT_ERR_L4_TRUNC,
+    STAT_FRAGMENT, STAT_ICMP_NOT_OWN_FLOW, STAT_ICMP_PTB, STAT_PASS_MALFORMED, STAT_PASS_NOT_VIP,
+    STAT_PASS_OTHER_HOST, STAT_REDIRECT, STAT_TX,
     VIP_F_FRAG_ALIAS, VIP_F_IPIP, VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VipMeta, addr_words,
     flow_hash_words, vip_filter_bit_of_words, vip_index_half, vip_index_home_of, vip_index_probe,
     vip_index_salt,
@@ -14,8 +15,8 @@ use lb_common::{
 use crate::{
     forward,
     maps::{
-        CONFIG, VIP_INDEX, VIP_INDEX_LIVE, add_traffic, count, count_backend, count_in, counters,
-        vip_filter_word,
+        CONFIG, VIP_INDEX, VIP_INDEX_LIVE, add_traffic, addressed_to_us, count, count_backend,
+        count_in, counters, vip_filter_word,
     },
     outcome::{COUNTED, Outcome},
     parse::{
@@ -69,14 +70,13 @@ fn for_l3<const V6: bool>(ctx: &XdpContext, l3: &L3) -> Result<Outcome, Outcome>
     if !maybe_vip(&dst) {
         return Err(Outcome::pass(STAT_PASS_NOT_VIP));
     }
+    if l3.fragment {
+        return fragment(ctx, l3, src, dst);
+    }
     match l3.proto {
         PROTO_TCP | PROTO_UDP => {}
-        PROTO_ICMP | PROTO_ICMPV6 => return icmp(ctx, l3),
+        PROTO_ICMP | PROTO_ICMPV6 => return icmp(ctx, l3, &dst),
         _ => return Err(Outcome::pass(STAT_PASS_NOT_VIP)),
-    }
-    if l3.fragment {
-        let key = FlowWords::new(src, dst, 0, 0, l3.proto, l3.family);
-        return fragment(ctx, l3, &key);
     }
     let Some(ports) = ptr_at::<[u16; 2]>(ctx, l3.l4_off) else {
         return Err(malformed_l4(&dst, l3.proto, l3.family));
@@ -99,6 +99,11 @@ fn flow(
     dport: u16,
     syn: bool,
 ) -> Result<Outcome, Outcome> {
+    // Only frames sent to us are ours to forward (a frame flooded to us,
+    // or broadcast, reaches its real receiver too).
+    if !addressed_to_us(ctx) {
+        return Err(Outcome::pass(STAT_PASS_OTHER_HOST));
+    }
     // An established flow's entry names its backend, and the backend its
     // VIP: no VIP index lookup for such packets.
     let conn = Conn::find(key);
@@ -288,27 +293,49 @@ fn drop_l4() -> Outcome {
 /// Every fragment of a datagram (the first one included) goes to the
 /// backend chosen by hashing addresses and protocol only, through the VIP
 /// that the (address, protocol) fragment alias names. Fragments do not use
-/// or create connection entries.
+/// or create connection entries, and are not new flows.
+///
+/// The protocol is the IPv4 header's, or the IPv6 Fragment header's Next
+/// Header, the same in every fragment (the parser stops at the Fragment
+/// header). When the IPv6 fragmentable part starts with another extension
+/// header (destination options, AH), later fragments cannot show the
+/// protocol: such datagrams go through the address's TCP alias, or its UDP
+/// alias if it has no TCP VIP, all their fragments alike.
 #[inline(always)]
-fn fragment(ctx: &XdpContext, l3: &L3, key: &FlowWords) -> Result<Outcome, Outcome> {
-    let meta =
-        find_vip(&key.dst(), 0, l3.proto, l3.family).ok_or(Outcome::pass(STAT_PASS_NOT_VIP))?;
-    count(STAT_FRAGMENT);
-    let key = key.without_ports();
+fn fragment(
+    ctx: &XdpContext,
+    l3: &L3,
+    src: [u64; 2],
+    dst: [u64; 2],
+) -> Result<Outcome, Outcome> {
+    let (proto, meta) = match l3.proto {
+        PROTO_TCP | PROTO_UDP => (l3.proto, find_vip(&dst, 0, l3.proto, l3.family)),
+        PROTO_ICMP | PROTO_ICMPV6 => return Err(Outcome::pass(STAT_PASS_NOT_VIP)),
+        _ if l3.family != FAMILY_V4 => match find_vip(&dst, 0, PROTO_TCP, l3.family) {
+            Some(m) => (PROTO_TCP, Some(m)),
+            None => (PROTO_UDP, find_vip(&dst, 0, PROTO_UDP, l3.family)),
+        },
+        _ => return Err(Outcome::pass(STAT_PASS_NOT_VIP)),
+    };
+    let meta = meta.ok_or(Outcome::pass(STAT_PASS_NOT_VIP))?;
+    if !addressed_to_us(ctx) {
+        return Err(Outcome::pass(STAT_PASS_OTHER_HOST));
+    }
+    let key = FlowWords::new(src, dst, 0, 0, proto, l3.family);
     let cfg = config()?;
-    let chosen = select::from_ring(&meta, &key, cfg.hash_seed)?;
+    let mut chosen = select::from_ring(&meta, &key, cfg.hash_seed)?;
+    chosen.new_flow = false;
+    chosen.detail = STAT_FRAGMENT;
     Ok(forward(ctx, l3, &chosen, &key, Some(cfg)))
 }
 
-/// ICMP "fragmentation needed" / ICMPv6 "packet too big" about a VIP flow:
-/// sent to the backend of the flow quoted inside (its addresses and ports
-/// swapped back into the client → VIP direction). Other ICMP is not VIP
-/// traffic and is passed to the host.
+/// ICMP "fragmentation needed" / ICMPv6 "packet too big" to a VIP about
+/// one of that VIP's own flows: sent to the backend of the flow quoted
+/// inside (its addresses and ports swapped back into the client → VIP
+/// direction). Other ICMP (and an error to an address that is not the
+/// quoted flow's VIP) is not VIP traffic and is passed to the host.
 #[inline(always)]
-fn icmp(ctx: &XdpContext, l3: &L3) -> Result<Outcome, Outcome> {
-    if l3.fragment {
-        return Err(Outcome::pass(STAT_PASS_NOT_VIP));
-    }
+fn icmp(ctx: &XdpContext, l3: &L3, outer_dst: &[u64; 2]) -> Result<Outcome, Outcome> {
     let hdr = ptr_at::<[u8; ICMP_HLEN]>(ctx, l3.l4_off).ok_or(Outcome::pass(STAT_PASS_NOT_VIP))?;
     // SAFETY: bounds checked by ptr_at.
     let (ty, code) = unsafe { ((*hdr)[0], (*hdr)[1]) };
@@ -356,9 +383,20 @@ fn icmp(ctx: &XdpContext, l3: &L3) -> Result<Outcome, Outcome> {
     let key = FlowWords::new(src, dst, quoted_dport, quoted_sport, proto, l3.family);
     let meta =
         port_vip(&dst, quoted_sport, proto, l3.family).ok_or(Outcome::pass(STAT_PASS_NOT_VIP))?;
-    count(STAT_ICMP_PTB);
+    // The error must be addressed to the VIP whose flow it quotes: an
+    // address that only shares the prefilter's bit, or another VIP, does
+    // not get to steer another VIP's flow.
+    if dst != *outer_dst {
+        count(STAT_ICMP_NOT_OWN_FLOW);
+        return Err(Outcome::pass(STAT_PASS_NOT_VIP));
+    }
+    if !addressed_to_us(ctx) {
+        return Err(Outcome::pass(STAT_PASS_OTHER_HOST));
+    }
     let cfg = config()?;
-    let chosen = select::lookup_only(&meta, &key, cfg.hash_seed)?;
+    let mut chosen = select::lookup_only(&meta, &key, cfg.hash_seed)?;
+    chosen.new_flow = false;
+    chosen.detail = STAT_ICMP_PTB;
     Ok(forward(ctx, l3, &chosen, &key, Some(cfg)))
 }
 
@@ -370,9 +408,10 @@ fn bad_quote() -> Outcome {
 }
 
 /// Sends the packet to the chosen backend in its VIP's forwarding mode, and
-/// counts it: the connection-table hit of a flow found through its entry,
-/// and, if it was sent, the VIP's and the backend's traffic and the
-/// outcome (the returned outcome is then `COUNTED`). `cfg` is the global config when
+/// counts it if it was sent: the chosen path's detail counter (a
+/// connection-table hit, a fragment, an ICMP error), the VIP's and the
+/// backend's traffic and the outcome (the returned outcome is then
+/// `COUNTED`). A packet that was not sent counts only its outcome. `cfg` is the global config when
 /// the caller has already read it (IP-in-IP needs it; an established flow's
 /// packet has not read it, and DSR never does).
 #[inline(always)]
@@ -401,23 +440,20 @@ fn forward(
         forward::dsr(ctx, backend)
     };
     // One lookup for everything this CPU counts about the packet except
-    // its backend: the connection-table hit, the VIP's traffic and the
-    // outcome. A packet counted here goes back as `COUNTED`.
+    // its backend: the detail (connection-table hit ...), the VIP's
+    // traffic and the outcome. A packet counted here goes back as
+    // `COUNTED`. (An ICMP "too big" answer is XDP_TX too, but not sent to
+    // the backend.)
     let mut outcome = outcome;
-    let sent = outcome.action != xdp_action::XDP_DROP;
-    if let Some(c) = counters() {
-        if chosen.hit {
-            count_in(c, STAT_CONN_HIT);
-        }
-        if sent {
+    if outcome.stat == STAT_TX || outcome.stat == STAT_REDIRECT {
+        if let Some(c) = counters() {
+            count_in(c, chosen.detail);
             if let Some(v) = c.vips.get_mut(backend.vip_id as usize) {
                 add_traffic(v, bytes, chosen.new_flow);
             }
             count_in(c, outcome.stat);
             outcome.stat = COUNTED;
         }
-    }
-    if sent {
         count_backend(chosen.id, bytes, chosen.new_flow);
     }
     outcome

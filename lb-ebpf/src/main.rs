@@ -16,6 +16,7 @@ mod maps;
 mod outcome;
 mod parse;
 mod select;
+mod too_big;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 

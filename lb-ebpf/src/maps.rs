@@ -103,6 +103,58 @@ static CONN_BUCKET_MASK: u32 = 0;
 #[unsafe(no_mangle)]
 static mut VIP_FILTER_COPY: [u64; VIP_FILTER_WORDS as usize] = [0; VIP_FILTER_WORDS as usize];
 
+/// The MAC address of the interface the program is attached to, as
+/// `lb_common::lb_mac_word` (`LB_MAC_UNSET` until userspace writes it), the
+/// only variable of `.data` (the map `lb_common::MAP_LB_MAC`). A frame is
+/// forwarded only if it is addressed to this MAC; the DSR source MAC is
+/// then this MAC.
+#[unsafe(no_mangle)]
+static mut LB_MAC: u64 = lb_common::LB_MAC_UNSET;
+
+/// Whether the frame (at least 8 bytes, which every caller has checked
+/// through the Ethernet header) is addressed to this interface's MAC.
+#[inline(always)]
+pub fn addressed_to_us(ctx: &aya_ebpf::programs::XdpContext) -> bool {
+    let Some(first) = crate::parse::ptr_at::<u64>(ctx, 0) else {
+        return false;
+    };
+    // SAFETY: bounds checked by ptr_at; LB_MAC is read whole (volatile:
+    // userspace writes it while the program runs).
+    let (word, ours) = unsafe {
+        (
+            core::ptr::read_unaligned(first),
+            core::ptr::read_volatile(&raw const LB_MAC),
+        )
+    };
+    (word & 0xffff_ffff_ffff) | (1 << 48) == ours
+}
+
+/// Per-CPU ICMP "too big" rate limit: the theoretical arrival time of the
+/// next message (GCRA), in `bpf_ktime_get_ns` nanoseconds.
+#[btf_map]
+pub static ICMP_RATE: PerCpuArray<u64, 1> = PerCpuArray::new();
+
+/// Takes one ICMP "too big" message from this CPU's budget: at most
+/// `ICMP_TOO_BIG_BURST` at once, refilled at one per
+/// `ICMP_TOO_BIG_INTERVAL_NS`. False when the budget is spent.
+#[inline(always)]
+pub fn icmp_budget() -> bool {
+    use lb_common::{ICMP_TOO_BIG_BURST, ICMP_TOO_BIG_INTERVAL_NS};
+    let Some(tat) = ICMP_RATE.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    // SAFETY: this CPU's element; no other writer on this CPU.
+    let tat = unsafe { &mut *tat };
+    let start = if *tat > now { *tat } else { now };
+    if start - now > ICMP_TOO_BIG_INTERVAL_NS * (ICMP_TOO_BIG_BURST - 1) {
+        return false;
+    }
+    *tat = start + ICMP_TOO_BIG_INTERVAL_NS;
+    true
+}
+
 /// The connection table's secret and bucket mask, as the loader set them.
 #[inline(always)]
 pub fn conn_params() -> (u64, u32) {

@@ -109,7 +109,9 @@ pub struct L3 {
     pub ip_len: usize,
     /// IPv4 TOS or IPv6 traffic class, copied to an outer header.
     pub tos: u8,
-    /// Part of a fragmented datagram (first fragment included).
+    /// Part of a fragmented datagram (first fragment included). For IPv6,
+    /// `proto` is then the Fragment header's Next Header and `l4_off` the
+    /// start of the fragmentable part.
     pub fragment: bool,
 }
 
@@ -222,10 +224,19 @@ pub fn parse_ipv6(ctx: &XdpContext, l3_off: usize) -> Result<L3, Outcome> {
                 // SAFETY: bounds checked by ptr_at.
                 let (next, off_hi, off_lo) = unsafe { ((*hdr)[0], (*hdr)[2], (*hdr)[3]) };
                 nexthdr = next;
+                off += 8;
                 // Offset (13 bits) or M flag set. An "atomic fragment"
                 // (offset 0, M clear) is a whole packet (RFC 6946).
-                fragment = u16::from_be_bytes([off_hi, off_lo]) & 0xfff9 != 0;
-                off += 8;
+                if u16::from_be_bytes([off_hi, off_lo]) & 0xfff9 != 0 {
+                    // A real fragment: parsing stops here, in the first
+                    // fragment as in the others. What follows is the
+                    // fragmentable part, whose headers only the first
+                    // fragment holds (RFC 8200 4.5); a later fragment's
+                    // bytes there are payload. Every fragment of a datagram
+                    // then has the same protocol: this header's Next Header.
+                    fragment = true;
+                    break;
+                }
             }
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
                 let hdr =
@@ -238,10 +249,12 @@ pub fn parse_ipv6(ctx: &XdpContext, l3_off: usize) -> Result<L3, Outcome> {
             _ => break,
         }
     }
-    if matches!(
-        nexthdr,
-        NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_FRAGMENT
-    ) {
+    if !fragment
+        && matches!(
+            nexthdr,
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_FRAGMENT
+        )
+    {
         return Err(malformed(STAT_ERR_IPV6_EXT_LIMIT));
     }
     Ok(L3 {

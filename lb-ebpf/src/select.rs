@@ -4,7 +4,7 @@
 use core::ptr::{read_volatile, write_volatile};
 
 use lb_common::{
-    BACKEND_F_ACTIVE, Backend, CONN_WAYS, ConnBucket, FlowWords, RING_CHUNK_SLOTS,
+    BACKEND_F_ACTIVE, Backend, CONN_WAYS, ConnBucket, FlowWords, RING_CHUNK_SLOTS, STAT_CONN_HIT,
     STAT_CONN_INSERT_FAIL, STAT_CONN_MISS, STAT_CONN_STALE, STAT_DROP_NO_BACKEND,
     VIP_F_SRC_AFFINITY, VipMeta, conn_bucket, conn_hash, conn_tag, conn_way, flow_hash_words,
     ring_index, ring_slot, way_backend, way_generation_matches, way_tag,
@@ -14,6 +14,10 @@ use crate::{
     maps::{BACKENDS, CONN_TABLE, RING_LIVE, RINGS, conn_params, count},
     outcome::Outcome,
 };
+
+/// `Chosen::detail` of a packet without a detail counter (out of the
+/// counters' range, so counting it counts nothing).
+pub const NO_DETAIL: u32 = u32::MAX;
 
 /// The backend chosen for a packet.
 #[derive(Clone, Copy)]
@@ -27,9 +31,10 @@ pub struct Chosen {
     /// `flow_hash` of the flow key, when choosing computed it (IP-in-IP
     /// reuses it for the outer source instead of hashing again).
     pub hash: Option<u32>,
-    /// Found through a connection entry: the connection-table hit is
-    /// counted with the packet's traffic counters (in `forward`).
-    pub hit: bool,
+    /// The detail counter (`STAT_CONN_HIT`, `STAT_FRAGMENT`, `STAT_ICMP_PTB`)
+    /// counted with the packet's traffic counters if it is sent (in
+    /// `forward`); [`NO_DETAIL`] for none.
+    pub detail: u32,
 }
 
 /// Picks a backend from the VIP's lookup table by the flow hash of `key`
@@ -64,7 +69,7 @@ pub fn from_ring(meta: &VipMeta, key: &FlowWords, seed: u32) -> Result<Chosen, O
         backend,
         new_flow: true,
         hash: if affinity { None } else { Some(hash) },
-        hit: false,
+        detail: NO_DETAIL,
     })
 }
 
@@ -177,7 +182,7 @@ fn entry_backend(way: u64, key: &FlowWords) -> Option<Chosen> {
             backend: b,
             new_flow: false,
             hash: None,
-            hit: true,
+            detail: STAT_CONN_HIT,
         })
     } else {
         None
@@ -225,8 +230,8 @@ impl Conn {
         if !syn && slot.has_entry() {
             count(STAT_CONN_STALE);
         }
-        count(STAT_CONN_MISS);
         let chosen = from_ring(meta, key, seed)?;
+        count(STAT_CONN_MISS);
         slot.put_front(conn_way(slot.tag, chosen.id, chosen.backend.generation));
         Ok(chosen)
     }

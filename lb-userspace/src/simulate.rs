@@ -217,6 +217,8 @@ pub fn run(cfg: &Config, flows: u32) -> Result<SimReport, SimError> {
         pin_dir: None,
     })?;
     dp.apply(&planned)?;
+    // The frames below are addressed to LB_MAC: the program's own MAC.
+    dp.set_interface_mac(LB_MAC)?;
     let prog = dp.program()?;
     let mut out = vec![0u8; 256];
     let mut report = SimReport {

@@ -900,6 +900,7 @@ pub fn spec(macs: &[Mac], weights: [u32; N_BACKENDS as usize]) -> DataplaneSpec 
         hash_seed: SEED,
         ipip_source_v4: None,
         ipip_source_v6: None,
+        ipip_mtu: lb_common::DEFAULT_IPIP_MTU,
         generation: 1,
         vips: vec![
             vip(V4, TCP_PORT, Protocol::Tcp),

@@ -1251,6 +1251,21 @@ impl PacketBuilder {
     /// after them. The layer must not already be a fragment.
     #[must_use]
     pub fn build_fragments(&self, max_fragment_payload: usize, id: u32) -> Vec<Vec<u8>> {
+        self.build_fragments_after(max_fragment_payload, id, usize::MAX)
+    }
+
+    /// [`Self::build_fragments`] with only the first `unfragmentable` IPv6
+    /// extension headers in the unfragmentable part: the Fragment header
+    /// goes after them, and the others travel in the fragmentable part (in
+    /// the first fragment only), as RFC 8200 4.5 allows for destination
+    /// options meant for the final destination. IPv4 ignores it.
+    #[must_use]
+    pub fn build_fragments_after(
+        &self,
+        max_fragment_payload: usize,
+        id: u32,
+        unfragmentable: usize,
+    ) -> Vec<Vec<u8>> {
         let chunk = max_fragment_payload & !7;
         assert!(
             chunk >= 8,
@@ -1262,7 +1277,12 @@ impl PacketBuilder {
             .expect("PacketBuilder::build_fragments: no IP layer");
         let frame = self.build();
         let l2 = self.l2_len();
-        let hl = outer.header_len();
+        let hl = match &outer.kind {
+            IpKind::V6(s) if unfragmentable < s.ext.len() => {
+                IPV6_HLEN + s.ext[..unfragmentable].iter().map(ExtHeader::len).sum::<usize>()
+            }
+            _ => outer.header_len(),
+        };
         let (head, body) = frame.split_at(l2 + hl);
         let count = body.len().div_ceil(chunk).max(1);
         let mut out = Vec::with_capacity(count);
@@ -1300,8 +1320,10 @@ impl PacketBuilder {
                             .any(|e| matches!(e, ExtHeader::Fragment { .. })),
                         "PacketBuilder::build_fragments: the IPv6 layer already has a Fragment header"
                     );
-                    // The next-header field of the last header of the chain.
-                    let nh_at = match s.ext.split_last() {
+                    // The next-header field of the last header of the
+                    // unfragmentable part.
+                    let kept = &s.ext[..unfragmentable.min(s.ext.len())];
+                    let nh_at = match kept.split_last() {
                         None => l2 + 6,
                         Some((_, before)) => {
                             l2 + IPV6_HLEN + before.iter().map(ExtHeader::len).sum::<usize>()

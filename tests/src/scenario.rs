@@ -75,6 +75,7 @@ pub fn spec(vips: Vec<VipSpec>) -> DataplaneSpec {
             addr: IPIP_SRC_V6,
             len: 96,
         }),
+        ipip_mtu: lb_common::DEFAULT_IPIP_MTU,
         generation: 1,
         vips,
     }

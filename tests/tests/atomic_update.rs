@@ -93,6 +93,9 @@ fn tables_replaced_under_traffic_never_misroute() {
         reader.adopted(),
         "the second handle must adopt the pinned maps"
     );
+    reader
+        .set_interface_mac(LB_MAC)
+        .expect("set the program's MAC");
 
     // applied = applies completed, started = applies begun (an apply may
     // be live from any moment after it began); set k % 3 is live after k.

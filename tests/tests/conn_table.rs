@@ -59,6 +59,7 @@ fn a_full_bucket_drops_its_least_recently_used_flow() {
     .expect("load xdp_lb (run as root)");
     let plan = plan::plan(&scenario::standard(4), &IdAllocator::default()).expect("plan");
     dp.apply(&plan).expect("apply");
+    dp.set_interface_mac(LB_MAC).expect("set the program's MAC");
 
     // The model: flows, most recently used first, at most CONN_WAYS.
     let mut lru: Vec<u16> = Vec::new();
@@ -126,6 +127,7 @@ fn an_adopting_handle_finds_the_flows_of_the_pinned_table() {
     let mut first = Datapath::load(opts(4096)).expect("load xdp_lb (run as root)");
     let plan = plan::plan(&scenario::standard(4), &IdAllocator::default()).expect("plan");
     first.apply(&plan).expect("apply");
+    first.set_interface_mac(LB_MAC).expect("set the program's MAC");
     let flows: Vec<u16> = (0..64).collect();
     let mut backend = Vec::new();
     for &f in &flows {
@@ -135,6 +137,9 @@ fn an_adopting_handle_finds_the_flows_of_the_pinned_table() {
 
     let mut second = Datapath::load(opts(1 << 20)).expect("adopt");
     assert!(second.adopted(), "the second handle must adopt the pins");
+    second
+        .set_interface_mac(LB_MAC)
+        .expect("set the program's MAC");
     for (&f, mac) in flows.iter().zip(&backend) {
         assert_eq!(
             send(&mut second, &packet(f, false)),

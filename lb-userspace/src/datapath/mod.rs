@@ -69,8 +69,8 @@ use aya::{
 };
 pub use decap::Decap;
 use lb_common::{
-    CONN_TABLE_CAPACITY, LAYOUT_VERSION, MAP_RING_LIVE, MAP_TX_PORTS, MAX_VIPS, PROG_LB, VipKey,
-    VipMeta,
+    CONN_TABLE_CAPACITY, LAYOUT_VERSION, MAP_LB_MAC, MAP_RING_LIVE, MAP_TX_PORTS, MAX_VIPS,
+    PROG_LB, VipKey, VipMeta, lb_mac_word,
 };
 use loaded::{Loaded, record_conn_params};
 pub use stats::DataplaneStats;
@@ -99,6 +99,8 @@ pub enum DatapathError {
     MissingMap { name: &'static str },
     #[error("attaching to interface {iface} failed: {source}")]
     Attach { iface: String, source: ProgramError },
+    #[error("reading the MAC address of interface {iface} failed: {source}")]
+    InterfaceMac { iface: String, source: SysError },
     #[error("system call: {0}")]
     Sys(#[from] SysError),
     #[error("reading the number of CPUs failed: {0}")]
@@ -318,9 +320,25 @@ impl Datapath {
         &mut self.loaded.ebpf
     }
 
-    /// Attaches `xdp_lb` to `iface`.
+    /// Attaches `xdp_lb` to `iface`, after telling the program the
+    /// interface's MAC address (see [`Datapath::set_interface_mac`]).
     pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<(), DatapathError> {
+        let mac = sys::interface_mac(iface).map_err(|source| DatapathError::InterfaceMac {
+            iface: iface.into(),
+            source,
+        })?;
+        self.set_interface_mac(mac)?;
         self.loaded.attach(iface, mode)
+    }
+
+    /// Tells the program the MAC address of the interface it runs on: it
+    /// forwards only frames addressed to it (and sends DSR frames from it).
+    /// [`Datapath::attach`] does this; BPF_PROG_TEST_RUN users call it
+    /// themselves, or every frame is passed (`pass_other_host`).
+    pub fn set_interface_mac(&mut self, mac: [u8; 6]) -> Result<(), DatapathError> {
+        let mut data: Array<_, u64> = self.loaded.map_mut(MAP_LB_MAC)?;
+        data.set(0, lb_mac_word(mac), 0)
+            .map_err(map_err(MAP_LB_MAC))
     }
 
     /// Detaches from every interface this handle attached to (and removes

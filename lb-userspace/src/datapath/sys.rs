@@ -28,6 +28,45 @@ impl SysError {
     }
 }
 
+/// The hardware address of interface `iface` in this thread's network
+/// namespace (`SIOCGIFHWADDR`; sysfs would show the namespace it was
+/// mounted in, not this thread's).
+pub fn interface_mac(iface: &str) -> Result<[u8; 6], SysError> {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    let name = iface.as_bytes();
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Err(SysError {
+            call: "ioctl(SIOCGIFHWADDR)",
+            source: io::Error::from(io::ErrorKind::InvalidInput),
+        });
+    }
+    // SAFETY: plain socket(2) call; the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(SysError::last_os_error("socket(AF_INET, SOCK_DGRAM)"));
+    }
+    // SAFETY: a fresh fd nobody else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: all-zero bytes are a valid ifreq.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(name) {
+        *d = s.cast_signed();
+    }
+    // SAFETY: a valid socket and an ifreq with a NUL-terminated name (the
+    // name is shorter than the zeroed array); the kernel writes the address
+    // into the ifreq.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &raw mut req) } < 0 {
+        return Err(SysError::last_os_error("ioctl(SIOCGIFHWADDR)"));
+    }
+    // SAFETY: SIOCGIFHWADDR filled ifru_hwaddr.
+    let sa = unsafe { req.ifr_ifru.ifru_hwaddr };
+    let mut mac = [0u8; 6];
+    for (d, s) in mac.iter_mut().zip(sa.sa_data.iter()) {
+        *d = s.cast_unsigned();
+    }
+    Ok(mac)
+}
+
 /// The size of a memory page.
 pub fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.

@@ -60,6 +60,7 @@ fn spec() -> DataplaneSpec {
         hash_seed: 7,
         ipip_source_v4: None,
         ipip_source_v6: None,
+        ipip_mtu: lb_common::DEFAULT_IPIP_MTU,
         generation: 1,
         vips: (0..VIPS)
             .map(|v| VipSpec {

@@ -189,6 +189,10 @@ fn live_frames(dut_prog: &str, packet: &[u8], frames: u32) -> f64 {
         if dut_prog == PROG_LB {
             dut.attach("dut", XdpMode::Driver)
                 .expect("attach xdp_lb to dut");
+            // The generator's MAC swap addresses the frames to CLIENT_MAC:
+            // make that the program's own MAC, as if it were dut's.
+            dut.set_interface_mac(CLIENT_MAC)
+                .expect("set the program's MAC");
         } else {
             load_prog(&mut dut, &dut_prog)
                 .attach("dut", XdpMode::Driver)
@@ -252,6 +256,7 @@ fn main() {
     }
     let plan = plan::plan(&spec, &IdAllocator::default()).expect("plan");
     dp.apply(&plan).expect("apply");
+    dp.set_interface_mac(LB_MAC).expect("set the program's MAC");
     load_prog(&mut dp, PROG_BENCH_PASS);
     let names = [
         ("empty XDP_PASS program (floor)", None),
