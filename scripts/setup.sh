@@ -7,7 +7,9 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PREFIX="$ROOT/.tools"
 BPF_LINKER_VERSION=0.13.0
-DEBIAN_PKGS=(iproute2 ethtool curl bpftool prometheus systemd)
+# nginx: the HTTP server of the large-transfer end-to-end test (started per
+# test inside a backend namespace; the package's own service is not used).
+DEBIAN_PKGS=(iproute2 ethtool curl bpftool prometheus systemd nginx)
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -38,8 +40,16 @@ done
 if ((${#missing[@]})); then
     log "installing Debian packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
+    # Packages with a service (nginx) must not start it on the host: deny
+    # service starts during the install unless a policy already exists.
+    policy=/usr/sbin/policy-rc.d
+    own_policy=0
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && own_policy=1
+    fi
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    if ((own_policy)); then rm -f "$policy"; fi
 fi
 
 # 4. bpffs for pinning.
