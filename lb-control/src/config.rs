@@ -2693,3 +2693,77 @@ interface = "eth0" # main NIC
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// Issue 25: `agent.ipip_mtu` and VIPs that share their IP fragments.
+#[cfg(test)]
+mod datapath_rule_tests {
+    use super::{EXAMPLE, HostChecks, check};
+
+    /// A web VIP on 198.18.0.10 over IP-in-IP with the given backends.
+    fn second_vip(port: u16, mode: &str, backends: &[&str]) -> String {
+        let mut t = format!(
+            "\n[[vip]]\nname = \"web{port}\"\naddress = \"198.18.0.10\"\nport = {port}\nprotocol = \"tcp\"\nmode = \"{mode}\"\n"
+        );
+        for b in backends {
+            t.push_str(&format!(
+                "\n[[vip.backend]]\naddress = \"{b}\"\nmac = \"02:00:00:00:01:09\"\n"
+            ));
+        }
+        t
+    }
+
+    fn messages(text: &str) -> Vec<String> {
+        match check(text, "t.toml", HostChecks::No) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.into_iter().map(|i| i.message).collect(),
+        }
+    }
+
+    #[test]
+    fn ipip_mtu_defaults_to_1500_and_is_range_checked() {
+        let cfg = check(EXAMPLE, "t.toml", HostChecks::No).expect("the example is valid");
+        assert_eq!(cfg.agent.ipip_mtu, 1500);
+        let without = EXAMPLE.replace("ipip_mtu = 1500\n", "");
+        let cfg = check(&without, "t.toml", HostChecks::No).expect("the default applies");
+        assert_eq!(cfg.agent.ipip_mtu, lb_common::DEFAULT_IPIP_MTU);
+        for bad in [0, 1319, 65536] {
+            let text = EXAMPLE.replace("ipip_mtu = 1500", &format!("ipip_mtu = {bad}"));
+            let m = messages(&text);
+            assert!(
+                m.len() == 1 && m[0].contains("ipip_mtu must be 1320..=65535"),
+                "{bad}: {m:?}"
+            );
+        }
+        let jumbo = EXAMPLE.replace("ipip_mtu = 1500", "ipip_mtu = 9000");
+        let cfg = check(&jumbo, "t.toml", HostChecks::No).expect("jumbo frames are fine");
+        assert_eq!(cfg.dataplane_spec(1, &|_, _| true).ipip_mtu, 9000);
+    }
+
+    #[test]
+    fn vips_sharing_address_and_protocol_must_share_mode_and_backends() {
+        // The example's "web" VIP: 198.18.0.10:80/tcp, DSR, backends
+        // 198.18.1.1-3.
+        let same = ["198.18.1.3", "198.18.1.1", "198.18.1.2"];
+        let ok = format!("{EXAMPLE}{}", second_vip(8080, "dsr", &same));
+        assert_eq!(messages(&ok), Vec::<String>::new());
+        let other_backends = format!(
+            "{EXAMPLE}{}",
+            second_vip(8080, "dsr", &["198.18.1.1", "198.18.1.2"])
+        );
+        let m = messages(&other_backends);
+        assert!(
+            m.len() == 1
+                && m[0].contains("\"web8080\"")
+                && m[0].contains("\"web\"")
+                && m[0].contains("not its backends")
+                && m[0].contains("fragments"),
+            "{m:?}"
+        );
+        let other_mode = format!("{EXAMPLE}{}", second_vip(8080, "ipip", &same));
+        let m = messages(&other_mode);
+        assert!(
+            m.iter().any(|m| m.contains("not its forwarding mode")),
+            "{m:?}"
+        );
+    }
+}
