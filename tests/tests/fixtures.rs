@@ -2877,6 +2877,57 @@ fn ipip_forwarding() {
     }
 }
 
+/// The ICMP too-big answers are rate-limited per CPU (burst
+/// `ICMP_TOO_BIG_BURST`, then one per `ICMP_TOO_BIG_INTERVAL_NS`): 300
+/// too-big packets sent back to back get at most a burst per CPU plus what
+/// the elapsed time refills, and every other one is counted as limited.
+#[test]
+fn icmp_too_big_is_rate_limited() {
+    use lb_common::{
+        ICMP_TOO_BIG_BURST, ICMP_TOO_BIG_INTERVAL_NS, STAT_DROP_TOO_BIG_RATE_LIMITED,
+    };
+    const N: u64 = 300;
+    let plan = make_plan(&ipip_spec(), &IdAllocator::default());
+    let ns = Netns::create();
+    ns.setup();
+    let name = ns.name.clone();
+    let res = std::thread::Builder::new()
+        .name("lbfx-rate".into())
+        .spawn(move || {
+            Netns::enter(&name);
+            let mut lb = Lb::load(&plan, Some(ifindex(LBA)));
+            let flow = Flow::tcp(CLIENT_V4, 53500, VIP_V4, 8080);
+            let packet = flow
+                .builder(client_eth(), TcpFlags::ACK, PacketBuilder::dont_fragment)
+                .payload(&[0x5a; 1500 - 40])
+                .build();
+            let before = lb.snapshot();
+            let t0 = Instant::now();
+            for _ in 0..N {
+                lb.run(&packet, None).expect("test run");
+            }
+            let elapsed_ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            let after = lb.snapshot();
+            let delta = |s: u32| after.global[s as usize] - before.global[s as usize];
+            let (sent, limited) = (delta(STAT_TX_ICMP_TOO_BIG), delta(STAT_DROP_TOO_BIG_RATE_LIMITED));
+            let cpus = u64::try_from(aya::util::nr_cpus().expect("CPU count")).expect("CPUs");
+            let most = cpus * ICMP_TOO_BIG_BURST + elapsed_ns / ICMP_TOO_BIG_INTERVAL_NS + cpus;
+            println!(
+                "[rate] {N} too-big packets in {:.1} ms: {sent} answered, {limited} limited (at most {most} may be answered)",
+                elapsed_ns as f64 / 1e6
+            );
+            assert_eq!(sent + limited, N, "every too-big packet is answered or limited");
+            assert!(sent >= ICMP_TOO_BIG_BURST, "a whole burst must be answered, got {sent}");
+            assert!(sent <= most, "{sent} answered, more than the limit allows ({most})");
+        })
+        .expect("spawning the namespace thread")
+        .join();
+    drop(ns);
+    if let Err(panic) = res {
+        std::panic::resume_unwind(panic);
+    }
+}
+
 // ===========================================================================
 // Group: xdp_decap
 // ===========================================================================
