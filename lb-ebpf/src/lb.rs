@@ -6,10 +6,9 @@ use lb_common::{
     FAMILY_V4, FlowWords, GlobalConfig, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
     STAT_DROP_MALFORMED_L4, STAT_DROP_NO_CONFIG, STAT_ERR_ICMP_INNER, STAT_ERR_L4_TRUNC,
     STAT_FRAGMENT, STAT_ICMP_NOT_OWN_FLOW, STAT_ICMP_PTB, STAT_PASS_MALFORMED, STAT_PASS_NOT_VIP,
-    STAT_PASS_OTHER_HOST, STAT_REDIRECT, STAT_TX,
-    VIP_F_FRAG_ALIAS, VIP_F_IPIP, VIP_INDEX_PROBES, VIP_INDEX_SLOTS, VipMeta, addr_words,
-    flow_hash_words, vip_filter_bit_of_words, vip_index_half, vip_index_home_of, vip_index_probe,
-    vip_index_salt,
+    STAT_PASS_OTHER_HOST, STAT_REDIRECT, STAT_TX, VIP_F_FRAG_ALIAS, VIP_F_IPIP, VIP_INDEX_PROBES,
+    VIP_INDEX_SLOTS, VipMeta, addr_words, flow_hash_words, vip_filter_bit_of_words, vip_index_half,
+    vip_index_home_of, vip_index_probe, vip_index_salt,
 };
 
 use crate::{
@@ -302,12 +301,7 @@ fn drop_l4() -> Outcome {
 /// protocol: such datagrams go through the address's TCP alias, or its UDP
 /// alias if it has no TCP VIP, all their fragments alike.
 #[inline(always)]
-fn fragment(
-    ctx: &XdpContext,
-    l3: &L3,
-    src: [u64; 2],
-    dst: [u64; 2],
-) -> Result<Outcome, Outcome> {
+fn fragment(ctx: &XdpContext, l3: &L3, src: [u64; 2], dst: [u64; 2]) -> Result<Outcome, Outcome> {
     let (proto, meta) = match l3.proto {
         PROTO_TCP | PROTO_UDP => (l3.proto, find_vip(&dst, 0, l3.proto, l3.family)),
         PROTO_ICMP | PROTO_ICMPV6 => return Err(Outcome::pass(STAT_PASS_NOT_VIP)),

@@ -99,15 +99,7 @@ fn csum_chunk<const N: usize>(ctx: &XdpContext, off: usize, seed: u32) -> Option
     let p = ptr_at::<[u8; N]>(ctx, off)?;
     // SAFETY: `p` points at N readable packet bytes (ptr_at); nothing is
     // subtracted (no `from`).
-    let r = unsafe {
-        bpf_csum_diff(
-            core::ptr::null_mut(),
-            0,
-            p.cast::<u32>(),
-            N as u32,
-            seed,
-        )
-    };
+    let r = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, p.cast::<u32>(), N as u32, seed) };
     (r >= 0).then_some(r as u32)
 }
 
@@ -329,4 +321,3 @@ fn build_v6(
 const _: () = assert!((ICMP_HLEN + QUOTE_V4) % 4 == 0 && (ICMP_HLEN + QUOTE_V6) % 4 == 0);
 const _: () = assert!(ICMP_HLEN + QUOTE_V4 > CSUM_CHUNK && ICMP_HLEN + QUOTE_V6 > 2 * CSUM_CHUNK);
 const _: () = assert!(ICMP_HLEN + QUOTE_V6 - 2 * CSUM_CHUNK <= CSUM_CHUNK);
-

@@ -1279,7 +1279,11 @@ impl PacketBuilder {
         let l2 = self.l2_len();
         let hl = match &outer.kind {
             IpKind::V6(s) if unfragmentable < s.ext.len() => {
-                IPV6_HLEN + s.ext[..unfragmentable].iter().map(ExtHeader::len).sum::<usize>()
+                IPV6_HLEN
+                    + s.ext[..unfragmentable]
+                        .iter()
+                        .map(ExtHeader::len)
+                        .sum::<usize>()
             }
             _ => outer.header_len(),
         };

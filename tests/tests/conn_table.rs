@@ -127,7 +127,9 @@ fn an_adopting_handle_finds_the_flows_of_the_pinned_table() {
     let mut first = Datapath::load(opts(4096)).expect("load xdp_lb (run as root)");
     let plan = plan::plan(&scenario::standard(4), &IdAllocator::default()).expect("plan");
     first.apply(&plan).expect("apply");
-    first.set_interface_mac(LB_MAC).expect("set the program's MAC");
+    first
+        .set_interface_mac(LB_MAC)
+        .expect("set the program's MAC");
     let flows: Vec<u16> = (0..64).collect();
     let mut backend = Vec::new();
     for &f in &flows {

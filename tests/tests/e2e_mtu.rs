@@ -84,9 +84,10 @@ fn counters(lb: &NetNs, port: u16) -> Vec<(String, u64)> {
 }
 
 fn counter(all: &[(String, u64)], name: &str) -> u64 {
-    all.iter()
-        .find(|(n, _)| n == name)
-        .map_or_else(|| panic!("counter {name} missing from the metrics"), |c| c.1)
+    all.iter().find(|(n, _)| n == name).map_or_else(
+        || panic!("counter {name} missing from the metrics"),
+        |c| c.1,
+    )
 }
 
 /// The path MTU the client's kernel holds for `vip` (`ip route get`), if

@@ -46,13 +46,13 @@ use aya::programs::{TestRun as _, TestRunOptions, Xdp};
 use lb_common::{
     DECAP_DROP_MALFORMED, DECAP_PASS, DECAP_STAT_NAMES, DECAP_V4, DECAP_V6, FlowKey, STAT_CONN_HIT,
     STAT_CONN_MISS, STAT_CONN_STALE, STAT_DROP_BAD_LENGTH, STAT_DROP_MALFORMED_L4,
-    STAT_DROP_NO_BACKEND, STAT_DROP_TOO_BIG, STAT_ICMP_NOT_OWN_FLOW, STAT_PASS_OTHER_HOST,
-    STAT_TX_ICMP_TOO_BIG,
-    STAT_DROP_NO_ROUTE, STAT_DROP_REDIRECT, STAT_ERR_ICMP_INNER, STAT_ERR_IPV4_BAD,
-    STAT_ERR_IPV4_TRUNC, STAT_ERR_IPV6_BAD, STAT_ERR_IPV6_EXT_LIMIT, STAT_ERR_IPV6_TRUNC,
-    STAT_ERR_L2_TRUNC, STAT_ERR_L4_TRUNC, STAT_FRAGMENT, STAT_ICMP_PTB, STAT_NAMES, STAT_OUTCOMES,
-    STAT_PASS_MALFORMED, STAT_PASS_NON_IP, STAT_PASS_NOT_VIP, STAT_REDIRECT, STAT_TX, STAT_VLAN,
-    TrafficCounters, VIP_F_SRC_AFFINITY, flow_hash, ring_slot, vip_filter_bit,
+    STAT_DROP_NO_BACKEND, STAT_DROP_NO_ROUTE, STAT_DROP_REDIRECT, STAT_DROP_TOO_BIG,
+    STAT_ERR_ICMP_INNER, STAT_ERR_IPV4_BAD, STAT_ERR_IPV4_TRUNC, STAT_ERR_IPV6_BAD,
+    STAT_ERR_IPV6_EXT_LIMIT, STAT_ERR_IPV6_TRUNC, STAT_ERR_L2_TRUNC, STAT_ERR_L4_TRUNC,
+    STAT_FRAGMENT, STAT_ICMP_NOT_OWN_FLOW, STAT_ICMP_PTB, STAT_NAMES, STAT_OUTCOMES,
+    STAT_PASS_MALFORMED, STAT_PASS_NON_IP, STAT_PASS_NOT_VIP, STAT_PASS_OTHER_HOST, STAT_REDIRECT,
+    STAT_TX, STAT_TX_ICMP_TOO_BIG, STAT_VLAN, TrafficCounters, VIP_F_SRC_AFFINITY, flow_hash,
+    ring_slot, vip_filter_bit,
 };
 use lb_tests::{
     packet::{
@@ -2239,11 +2239,7 @@ fn conn_table_fixtures() -> (MapPlan, Vec<Fixture>) {
         Fixture::new(
             "table 2: ICMP frag-needed about F -> F's table-1 backend (conn hit)",
             f.ptb(),
-            Expect::dsr(
-                &pick(&p1, &f),
-                false,
-                &[STAT_TX, STAT_ICMP_PTB],
-            ),
+            Expect::dsr(&pick(&p1, &f), false, &[STAT_TX, STAT_ICMP_PTB]),
         ),
         Fixture::new(
             "table 2: SYN of another flow G -> its table-2 backend",
@@ -2534,9 +2530,8 @@ fn too_big_reply(input: &[u8], l2: usize, mtu: u32) -> Vec<u8> {
             .ipv4(a(16), a(12))
             .icmp_frag_needed(u16::try_from(mtu).expect("v4 MTU"), &ip[..548])
     } else {
-        let a = |at: usize| {
-            Ipv6Addr::from(<[u8; 16]>::try_from(&ip[at..at + 16]).expect("16 bytes"))
-        };
+        let a =
+            |at: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&ip[at..at + 16]).expect("16 bytes"));
         PacketBuilder::new()
             .ipv6(a(24), a(8))
             .icmpv6_packet_too_big(mtu, &ip[..1232])
@@ -2683,7 +2678,6 @@ fn ipip_fixtures(plan: &MapPlan) -> Vec<Fixture> {
         new_flow: true,
     };
     fx.extend([
-
         Fixture::new(
             "v4 backend without a neighbour entry -> drop (no route)",
             nn4.syn(),
@@ -2746,13 +2740,16 @@ fn too_big_fixtures(plan: &MapPlan, tcp4: &Flow, big4: Flow, big6: Flow) -> Vec<
     // An ACK of `len` IP bytes (TCP, 20-byte headers), DF set if `df`.
     let sized = |f: &Flow, eth: PacketBuilder, len: usize, df: bool| {
         let l3 = if f.src.is_ipv4() { 20 } else { 40 };
-        f.builder(eth, TcpFlags::ACK, |b| if df { b.dont_fragment() } else { b })
-            .payload(&vec![0x5a; len - l3 - 20])
-            .build()
+        f.builder(
+            eth,
+            TcpFlags::ACK,
+            |b| if df { b.dont_fragment() } else { b },
+        )
+        .payload(&vec![0x5a; len - l3 - 20])
+        .build()
     };
-    let tx = |f: &Flow, new_flow: bool, stats: &[u32]| {
-        Expect::ipip_tx(&p(f), &f.key(), new_flow, stats)
-    };
+    let tx =
+        |f: &Flow, new_flow: bool, stats: &[u32]| Expect::ipip_tx(&p(f), &f.key(), new_flow, stats);
     let icmp = |input: &[u8], l2: usize, mtu: u32, stats: &[u32]| {
         Expect::exact(XDP_TX, too_big_reply(input, l2, mtu), stats)
     };
@@ -2775,12 +2772,12 @@ fn too_big_fixtures(plan: &MapPlan, tcp4: &Flow, big4: Flow, big6: Flow) -> Vec<
         1481,
         true,
     );
-    let lying4 = big4
-        .port(50024)
-        .frame(client_eth(), TcpFlags::SYN, |b| b.ipv4_total_len_override(200));
-    let lying6 = big6
-        .port(50025)
-        .frame(client_eth(), TcpFlags::SYN, |b| b.ipv6_payload_len_override(300));
+    let lying4 = big4.port(50024).frame(client_eth(), TcpFlags::SYN, |b| {
+        b.ipv4_total_len_override(200)
+    });
+    let lying6 = big6.port(50025).frame(client_eth(), TcpFlags::SYN, |b| {
+        b.ipv6_payload_len_override(300)
+    });
     vec![
         Fixture::new(
             "v4 1480 bytes with DF -> outer exactly the MTU (1500) -> encapsulated",
@@ -2800,7 +2797,12 @@ fn too_big_fixtures(plan: &MapPlan, tcp4: &Flow, big4: Flow, big6: Flow) -> Vec<
         Fixture::new(
             "802.1Q-tagged v4 1481 bytes with DF -> ICMP behind the same tag",
             big4_vlan.clone(),
-            icmp(&big4_vlan, 18, 1480, &[STAT_TX_ICMP_TOO_BIG, STAT_CONN_MISS, STAT_VLAN]),
+            icmp(
+                &big4_vlan,
+                18,
+                1480,
+                &[STAT_TX_ICMP_TOO_BIG, STAT_CONN_MISS, STAT_VLAN],
+            ),
         ),
         Fixture::new(
             "v6 1460 bytes -> outer exactly the MTU (1500) -> encapsulated",
@@ -2820,12 +2822,22 @@ fn too_big_fixtures(plan: &MapPlan, tcp4: &Flow, big4: Flow, big6: Flow) -> Vec<
         Fixture::new(
             "v4 route MTU 1400 below the configured 1500: 1401 bytes with DF -> ICMP with MTU 1380",
             small4_big.clone(),
-            icmp(&small4_big, 14, SMALL_ROUTE_MTU - 20, &[STAT_TX_ICMP_TOO_BIG, STAT_CONN_MISS]),
+            icmp(
+                &small4_big,
+                14,
+                SMALL_ROUTE_MTU - 20,
+                &[STAT_TX_ICMP_TOO_BIG, STAT_CONN_MISS],
+            ),
         ),
         Fixture::new(
             "v6 route MTU 1400: 1361 bytes -> ICMPv6 with MTU 1360",
             small6_big.clone(),
-            icmp(&small6_big, 14, SMALL_ROUTE_MTU - 40, &[STAT_TX_ICMP_TOO_BIG, STAT_CONN_MISS]),
+            icmp(
+                &small6_big,
+                14,
+                SMALL_ROUTE_MTU - 40,
+                &[STAT_TX_ICMP_TOO_BIG, STAT_CONN_MISS],
+            ),
         ),
         Fixture::new(
             "v4 route MTU 1400: 1380 bytes -> encapsulated (outer 1400)",
@@ -2883,9 +2895,7 @@ fn ipip_forwarding() {
 /// the elapsed time refills, and every other one is counted as limited.
 #[test]
 fn icmp_too_big_is_rate_limited() {
-    use lb_common::{
-        ICMP_TOO_BIG_BURST, ICMP_TOO_BIG_INTERVAL_NS, STAT_DROP_TOO_BIG_RATE_LIMITED,
-    };
+    use lb_common::{ICMP_TOO_BIG_BURST, ICMP_TOO_BIG_INTERVAL_NS, STAT_DROP_TOO_BIG_RATE_LIMITED};
     const N: u64 = 300;
     let plan = make_plan(&ipip_spec(), &IdAllocator::default());
     let ns = Netns::create();
