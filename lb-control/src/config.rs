@@ -2697,6 +2697,8 @@ interface = "eth0" # main NIC
 /// Issue 25: `agent.ipip_mtu` and VIPs that share their IP fragments.
 #[cfg(test)]
 mod datapath_rule_tests {
+    use std::fmt::Write as _;
+
     use super::{EXAMPLE, HostChecks, check};
 
     /// A web VIP on 198.18.0.10 over IP-in-IP with the given backends.
@@ -2705,9 +2707,10 @@ mod datapath_rule_tests {
             "\n[[vip]]\nname = \"web{port}\"\naddress = \"198.18.0.10\"\nport = {port}\nprotocol = \"tcp\"\nmode = \"{mode}\"\n"
         );
         for b in backends {
-            t.push_str(&format!(
+            let _ = write!(
+                t,
                 "\n[[vip.backend]]\naddress = \"{b}\"\nmac = \"02:00:00:00:01:09\"\n"
-            ));
+            );
         }
         t
     }

@@ -14,6 +14,7 @@
 //! load balancer counted ICMP answers and no drop of any kind.
 
 use std::{
+    fmt::Write as _,
     net::{IpAddr, SocketAddr},
     path::Path,
     process::Output,
@@ -22,7 +23,7 @@ use std::{
 
 use lb_tests::{
     agent::{LabConfig, Lbd},
-    lab::{LabNet, LabOptions, N_BACKENDS, V4, V6},
+    lab::{Family, LabNet, LabOptions, N_BACKENDS, V4, V6},
     netns::NetNs,
     nginx::{self, Nginx},
     pins::PinDir,
@@ -113,30 +114,8 @@ fn full_size_uploads_and_downloads_through_ipip_vips() {
     opts.ipip = true;
     let net = LabNet::build_with(opts, Some(pins));
 
-    // lbd with the lab's config plus two IP-in-IP web VIPs on PORT over the
-    // three backends (same address, protocol, mode and backends as the
-    // lab's port-80 IP-in-IP VIPs, as the fragment rule requires).
     let mut lbd = Lbd::new(prefix);
-    let mut config = lbd.lab_config(
-        &net,
-        &LabConfig {
-            ipip: true,
-            ..LabConfig::default()
-        },
-    );
-    for (name, fam) in [("big4", V4), ("big6", V6)] {
-        config.push_str(&format!(
-            "[[vip]]\nname = \"{name}\"\naddress = \"{}\"\nport = {PORT}\nprotocol = \"tcp\"\nmode = \"ipip\"\n\n",
-            fam.vip_ipip()
-        ));
-        for i in 1..=N_BACKENDS {
-            config.push_str(&format!(
-                "[[vip.backend]]\naddress = \"{}\"\n\n",
-                fam.backend(i)
-            ));
-        }
-    }
-    lbd.write_config(&config);
+    lbd.write_config(&config(&lbd, &net));
     lbd.start(&net.lb);
 
     // The download file, shared by every backend's nginx.
@@ -161,57 +140,7 @@ fn full_size_uploads_and_downloads_through_ipip_vips() {
     let before = counters(&net.lb, lbd.metrics_port);
     let mut failures = Vec::new();
     for (fam, want_mtu) in [(V4, 1480), (V6, 1460)] {
-        let vip = fam.vip_ipip();
-        assert_eq!(
-            learned_mtu(&net.client, vip),
-            None,
-            "precondition: the client has no path MTU for {vip} yet"
-        );
-        // Upload: POST 1 MiB; the server answers once it has read it all.
-        let out = curl(
-            &net.client,
-            &[
-                "--data-binary",
-                &format!("@{}", up_file.display()),
-                "-H",
-                "Content-Type: application/octet-stream",
-                &url(vip, "/upload"),
-            ],
-        );
-        let said = String::from_utf8_lossy(&out.stdout);
-        if !out.status.success() || said.trim() != format!("received {SIZE} bytes") {
-            failures.push(format!(
-                "{} upload: curl {} said {:?}, stderr {}",
-                fam.label(),
-                out.status,
-                said.trim(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        // The client learned the tunnel's MTU from our ICMP answers.
-        let mtu = learned_mtu(&net.client, vip);
-        if mtu != Some(want_mtu) {
-            failures.push(format!(
-                "{}: the client's route to {vip} has path MTU {mtu:?}, want {want_mtu}",
-                fam.label()
-            ));
-        }
-        // Download: GET 1 MiB, byte for byte.
-        let got = dir.join(format!("down-{}.bin", fam.label()));
-        let out = curl(
-            &net.client,
-            &["-o", got.to_str().expect("path"), &url(vip, "/big.bin")],
-        );
-        let same = std::fs::read(&got).is_ok_and(|b| b == down);
-        if !out.status.success() || !same {
-            failures.push(format!(
-                "{} download: curl {}, content {}; stderr {}",
-                fam.label(),
-                out.status,
-                if same { "equal" } else { "differs" },
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
+        failures.extend(transfers(&net.client, fam, want_mtu, &dir, &up_file, &down));
     }
     let after = counters(&net.lb, lbd.metrics_port);
     let delta = |name: &str| counter(&after, name) - counter(&before, name);
@@ -238,6 +167,100 @@ fn full_size_uploads_and_downloads_through_ipip_vips() {
     eprintln!(
         "1 MiB up and down through IP-in-IP over IPv4 and IPv6: ok; ICMP too-big answers sent: {icmp}"
     );
+}
+
+/// lbd's config: the lab's (with its IP-in-IP VIPs) plus two IP-in-IP web
+/// VIPs on PORT over the three backends (same address, protocol, mode and
+/// backends as the lab's port-80 IP-in-IP VIPs, as the fragment rule
+/// requires).
+fn config(lbd: &Lbd, net: &LabNet) -> String {
+    let mut config = lbd.lab_config(
+        net,
+        &LabConfig {
+            ipip: true,
+            ..LabConfig::default()
+        },
+    );
+    for (name, fam) in [("big4", V4), ("big6", V6)] {
+        let _ = write!(
+            config,
+            "[[vip]]\nname = \"{name}\"\naddress = \"{}\"\nport = {PORT}\nprotocol = \"tcp\"\nmode = \"ipip\"\n\n",
+            fam.vip_ipip()
+        );
+        for i in 1..=N_BACKENDS {
+            let _ = write!(
+                config,
+                "[[vip.backend]]\naddress = \"{}\"\n\n",
+                fam.backend(i)
+            );
+        }
+    }
+    config
+}
+
+/// Uploads and downloads through `fam`'s IP-in-IP VIP from `client`;
+/// returns what went wrong.
+fn transfers(
+    client: &NetNs,
+    fam: Family,
+    want_mtu: u32,
+    dir: &Path,
+    up_file: &Path,
+    down: &[u8],
+) -> Vec<String> {
+    let mut failures = Vec::new();
+    let vip = fam.vip_ipip();
+    assert_eq!(
+        learned_mtu(client, vip),
+        None,
+        "precondition: the client has no path MTU for {vip} yet"
+    );
+    // Upload: POST 1 MiB; the server answers once it has read it all.
+    let out = curl(
+        client,
+        &[
+            "--data-binary",
+            &format!("@{}", up_file.display()),
+            "-H",
+            "Content-Type: application/octet-stream",
+            &url(vip, "/upload"),
+        ],
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || said.trim() != format!("received {SIZE} bytes") {
+        failures.push(format!(
+            "{} upload: curl {} said {:?}, stderr {}",
+            fam.label(),
+            out.status,
+            said.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    // The client learned the tunnel's MTU from our ICMP answers.
+    let mtu = learned_mtu(client, vip);
+    if mtu != Some(want_mtu) {
+        failures.push(format!(
+            "{}: the client's route to {vip} has path MTU {mtu:?}, want {want_mtu}",
+            fam.label()
+        ));
+    }
+    // Download: GET 1 MiB, byte for byte.
+    let got = dir.join(format!("down-{}.bin", fam.label()));
+    let out = curl(
+        client,
+        &["-o", got.to_str().expect("path"), &url(vip, "/big.bin")],
+    );
+    let same = std::fs::read(&got).is_ok_and(|b| b == down);
+    if !out.status.success() || !same {
+        failures.push(format!(
+            "{} download: curl {}, content {}; stderr {}",
+            fam.label(),
+            out.status,
+            if same { "equal" } else { "differs" },
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    failures
 }
 
 /// Removes a directory on drop (also on panic).
