@@ -152,13 +152,14 @@ pub const fn addr_words(addr: &[u32; 4]) -> [u64; 2] {
 }
 
 /// The value of [`MAP_LB_MAC`] for the interface MAC `mac`: its six bytes
-/// in the low 48 bits (the frame's first eight bytes, read as one
-/// little-endian word and masked, compare equal to it) and bit 48 set, so
-/// that the unset value (`u64::MAX`) matches no frame.
+/// in the high 48 bits, so that the frame's first eight bytes, read as one
+/// little-endian word and shifted left by 16 (dropping the two bytes of the
+/// source MAC), compare equal to it. The low 16 bits are zero; the unset
+/// value (`u64::MAX`) therefore matches no frame.
 #[inline(always)]
 #[must_use]
 pub const fn lb_mac_word(mac: [u8; 6]) -> u64 {
-    u64::from_le_bytes([mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], 1, 0])
+    u64::from_le_bytes([0, 0, mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]])
 }
 /// The [`MAP_LB_MAC`] value of a program that has not been told its MAC.
 pub const LB_MAC_UNSET: u64 = u64::MAX;
